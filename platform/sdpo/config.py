@@ -1,0 +1,275 @@
+"""The job config: YAML -> validated pydantic models.
+
+A job file is the whole schema of a run. Every model forbids unknown keys, so a typo is an error that
+names the key, never a silently ignored setting. `--set a.b=value` overrides are applied to the raw
+mapping *before* validation, so they get the same checks as the file itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job config that cannot be used; the message names the key and what would fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, data, partitioning
+# --------------------------------------------------------------------------------------------------
+class ModelConfig(_Strict):
+    path: str = Field(description="Local directory or hub id of the SFT model (M_0), or builtin:quickstart/model.")
+    tokenizer: str | None = Field(None, description="Tokenizer path or hub id; defaults to `path`.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = False
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.path
+
+
+class SourceConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Names the source in plans, reports and errors.")
+    path: str | list[str] = Field(description="File, glob or list of them; local or any fsspec URL (s3://...).")
+    format: Literal["auto", "jsonl", "json", "parquet"] = "auto"
+    max_rows: int | None = Field(None, gt=0, description="Read only the first N rows (quick experiments).")
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class EvalConfig(_Strict):
+    fraction: Fraction = Field(0.05, description="Share of each source held out for evaluation.")
+    max_pairs_per_source: int | None = Field(256, gt=0, description="Cap on held-out pairs per source.")
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    eval: EvalConfig = EvalConfig()
+    max_length: int = Field(512, gt=1, description="Tokens of prompt + completion, per sequence.")
+    max_prompt_length: int = Field(256, gt=0, description="Prompt tokens kept (truncated from the left).")
+    max_rejected_fraction: Fraction = Field(
+        0.05, description="Stop before training if more than this share of rows is quarantined."
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {dupes}")
+        return sources
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                f"({self.max_length}) so that completions keep at least one token"
+            )
+        return self
+
+
+class SplitStrategy(str, Enum):
+    natural = "natural"  # one partition per source, in the listed order (the paper's split)
+    random = "random"  # pool all sources, shuffle with the seed, cut into k parts
+    stratified = "stratified"  # cut each source into k parts, so every part has the same source mix
+
+
+class PartitioningConfig(_Strict):
+    strategy: SplitStrategy = SplitStrategy.natural
+    order: list[str] | None = Field(None, description="natural: source names in stage order (default: as listed).")
+    num_parts: int | None = Field(None, gt=0, description="random/stratified: number of partitions (= stages).")
+    proportions: list[PositiveFloat] | Literal["natural"] | None = Field(
+        None,
+        description="random/stratified: relative partition sizes (normalised), or 'natural' for the "
+        "sizes the natural split would give (the paper's sDPO Strat.). Default: equal parts.",
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PartitioningConfig:
+        if self.strategy is SplitStrategy.natural:
+            if self.num_parts is not None or self.proportions is not None:
+                raise ValueError("num_parts and proportions apply to random/stratified, not natural")
+            return self
+        if self.order is not None:
+            raise ValueError("order applies to the natural strategy only")
+        if isinstance(self.proportions, list) and self.num_parts not in (None, len(self.proportions)):
+            raise ValueError(
+                f"num_parts ({self.num_parts}) disagrees with proportions ({len(self.proportions)} values)"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss, optimisation, stages
+# --------------------------------------------------------------------------------------------------
+class LossConfig(_Strict):
+    type: Literal["sigmoid"] = Field("sigmoid", description="Preference loss (see README's loss table).")
+    beta: PositiveFloat = 0.1
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(
+        0.0, description="Assumed label-flip rate (cDPO); 0 = plain DPO."
+    )
+
+
+class TrainingConfig(_Strict):
+    learning_rate: PositiveFloat = 5e-7
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0, description="Pairs per worker per micro-step.")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    optimizer: Literal["adamw"] = "adamw"
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: PositiveFloat = 1e-8
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU."
+    )
+    shuffle: bool = True
+    logging_steps: int = Field(1, gt=0)
+
+
+class StageOverride(_Strict):
+    beta: PositiveFloat | None = None
+    learning_rate: PositiveFloat | None = None
+    epochs: int | None = Field(None, gt=0)
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, PositiveFloat] | None = Field(
+        None, description="Ray resources per training worker; default derived from the cluster."
+    )
+    data_cpus: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="CPUs left free for Ray Data while stages train (avoids the ingest deadlock)."
+    )
+
+
+class JobConfig(_Strict):
+    name: str = Field("sdpo", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelConfig
+    data: DataConfig
+    partitioning: PartitioningConfig = PartitioningConfig()
+    stages: list[StageOverride] | None = Field(None, description="Per-stage overrides, one entry per stage.")
+    init: Literal["previous", "base"] = Field(
+        "previous", description="Stage t starts from M_{t-1} (sDPO) or from the base model (ablation)."
+    )
+    loss: LossConfig = LossConfig()
+    training: TrainingConfig = TrainingConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    output_dir: str = "runs/sdpo"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _partition_names(self) -> JobConfig:
+        p = self.partitioning
+        names = [s.name for s in self.data.sources]
+        if p.strategy is SplitStrategy.natural and p.order is not None:
+            unknown = [n for n in p.order if n not in names]
+            if unknown or len(set(p.order)) != len(p.order):
+                raise ValueError(
+                    f"partitioning.order must list distinct source names from {names}; got {p.order}"
+                )
+        if p.proportions == "natural" and p.num_parts not in (None, len(names)):
+            raise ValueError("proportions: natural gives one part per source; drop num_parts")
+        return self
+
+    def num_partitions(self) -> int:
+        p = self.partitioning
+        if p.strategy is SplitStrategy.natural:
+            return len(p.order or self.data.sources)
+        if isinstance(p.proportions, list):
+            return len(p.proportions)
+        if p.proportions == "natural":
+            return len(self.data.sources)
+        return p.num_parts or 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and overrides
+# --------------------------------------------------------------------------------------------------
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides; values are parsed as YAML (`0.1`, `true`, `[a, b]`)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        value = yaml.safe_load(text) if text else ""
+        node: Any = out
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} has no item {part}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a mapping")
+    return out
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid job config"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `sdpo run --help` links the config reference)"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict | list):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_job(raw: Any, origin: str = "job") -> JobConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: a job config is a YAML mapping, got {type(raw).__name__}")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, origin)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_job(apply_overrides(raw or {}, overrides or []), origin=str(path))
+
+
+def dump_job(job: JobConfig) -> str:
+    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,294 @@
+"""Ray Data ingest: read sources, quarantine bad rows, tokenise, split into partitions.
+
+Two streaming passes, then the stages read their partitions straight from Parquet:
+
+1. prepare: files -> rows {source, file, line, raw} -> `prepare_block` (parse, validate, render,
+   tokenise, hash keys) -> `<out>/data/prepared/`. Bad rows keep their raw text and reason.
+2. split: the driver collects the two hash keys of the valid rows (16 bytes a pair — never the rows
+   themselves), computes the exact cut-offs (`partition.plan_partitions`), and a second pass writes
+   `<out>/data/partitions/split=<name>/` (held-out rows under `split=_eval`).
+
+Quarantined rows are streamed to `<out>/rejected_rows.jsonl` with source, file, line and reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from ray.data.datasource import FileBasedDatasource
+
+from sdpo.partition import EVAL, UNUSED, PartitionSpec, row_keys
+from sdpo.rows import RowError, prepare_record
+
+EVAL_SPLIT = "_eval"
+UNUSED_SPLIT = "_unused"
+_CHUNK = 8 << 20
+_ROWS_PER_BLOCK = 2048
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; raised before any training starts."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: one row per JSON line / JSON array element / Parquet row, with its provenance
+# --------------------------------------------------------------------------------------------------
+def _block(source: str, path: str, lines: list[int], raws: list[str]) -> pa.Table:
+    return pa.table({
+        "source": pa.array([source] * len(lines), pa.string()),
+        "file": pa.array([path] * len(lines), pa.string()),
+        "line": pa.array(lines, pa.int64()),
+        "raw": pa.array(raws, pa.large_string()),
+    })
+
+
+class PreferenceFiles(FileBasedDatasource):
+    """JSON Lines, JSON arrays and Parquet files as raw rows tagged with (source, file, line)."""
+
+    def __init__(self, paths: list[str], *, source: str, fmt: str, **kwargs):
+        super().__init__(paths, **kwargs)
+        self._source, self._fmt = source, fmt
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        fmt = self._fmt
+        if fmt == "auto":
+            fmt = "parquet" if path.endswith(".parquet") else "json"
+        if fmt == "parquet":
+            yield from self._read_parquet(f, path)
+        else:
+            yield from self._read_json(f, path, allow_array=fmt in ("json", "auto"))
+
+    def _read_parquet(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        import pyarrow.parquet as pq
+
+        line = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=_ROWS_PER_BLOCK):
+            rows = batch.to_pylist()
+            raws = [json.dumps(r, ensure_ascii=False, default=str) for r in rows]
+            yield _block(self._source, path, list(range(line + 1, line + 1 + len(rows))), raws)
+            line += len(rows)
+
+    def _read_json(self, f: pa.NativeFile, path: str, *, allow_array: bool) -> Iterator[pa.Table]:
+        head = f.read(_CHUNK)
+        if allow_array and head.lstrip()[:1] == b"[":  # one JSON array of objects
+            data = json.loads(head + f.read())
+            raws = [json.dumps(r, ensure_ascii=False) for r in data]
+            for i in range(0, len(raws), _ROWS_PER_BLOCK):
+                chunk = raws[i:i + _ROWS_PER_BLOCK]
+                yield _block(self._source, path, list(range(i + 1, i + 1 + len(chunk))), chunk)
+            return
+        lines, raws, number, rest = [], [], 0, b""
+        while head:
+            *complete, rest = (rest + head).split(b"\n")
+            for text in complete:
+                number += 1
+                if text.strip():  # blank lines are not rows
+                    lines.append(number)
+                    raws.append(text.decode("utf-8", errors="replace"))
+            if len(lines) >= _ROWS_PER_BLOCK:
+                yield _block(self._source, path, lines, raws)
+                lines, raws = [], []
+            head = f.read(_CHUNK)
+        if rest.strip():
+            lines.append(number + 1)
+            raws.append(rest.decode("utf-8", errors="replace"))
+        if lines:
+            yield _block(self._source, path, lines, raws)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prepare: validate + tokenise (pure given a tokenizer; runs inside Ray Data tasks)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenizerSettings:
+    path: str
+    revision: str | None
+    trust_remote_code: bool
+    max_length: int
+    max_prompt_length: int
+    eos_id: int
+    seed: int  # partition seed: the hash keys depend on it
+    eval_seed: int
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    tok.model_max_length = 1 << 62  # we truncate ourselves; silence the "longer than maximum" warning
+    return tok
+
+
+def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
+    """Raw rows -> token ids and hash keys; bad rows keep `raw` and get a `reason`."""
+    tok = load_tokenizer(settings.path, settings.revision, settings.trust_remote_code)
+    cols = {k: [] for k in ("reason", "raw", "prompt_ids", "chosen_ids", "rejected_ids",
+                            "eval_key", "split_key", "num_tokens")}
+    for src, path, line, raw in zip(*(batch.column(c).to_pylist() for c in ("source", "file", "line", "raw")),
+                                    strict=True):
+        name = os.path.basename(path)
+        eval_key = row_keys(src, name, line, settings.eval_seed)[0]
+        split_key = row_keys(src, name, line, settings.seed)[1]
+        try:
+            pair = prepare_record(raw, tok, max_length=settings.max_length,
+                                  max_prompt_length=settings.max_prompt_length, eos_id=settings.eos_id)
+            reason, ids, keep_raw = "", (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids), ""
+        except RowError as err:
+            reason, ids, keep_raw = str(err), ([], [], []), raw
+        for col, value in zip(("prompt_ids", "chosen_ids", "rejected_ids"), ids, strict=True):
+            cols[col].append(value)
+        cols["reason"].append(reason)
+        cols["raw"].append(keep_raw)
+        cols["eval_key"].append(eval_key)
+        cols["split_key"].append(split_key)
+        cols["num_tokens"].append(2 * len(ids[0]) + len(ids[1]) + len(ids[2]))
+    ids_type = pa.list_(pa.int32())
+    return pa.table({
+        "source": batch.column("source"), "file": batch.column("file"), "line": batch.column("line"),
+        "reason": pa.array(cols["reason"], pa.string()),
+        "raw": pa.array(cols["raw"], pa.large_string()),
+        "prompt_ids": pa.array(cols["prompt_ids"], ids_type),
+        "chosen_ids": pa.array(cols["chosen_ids"], ids_type),
+        "rejected_ids": pa.array(cols["rejected_ids"], ids_type),
+        "eval_key": pa.array(cols["eval_key"], pa.int64()),
+        "split_key": pa.array(cols["split_key"], pa.int64()),
+        "num_tokens": pa.array(cols["num_tokens"], pa.int64()),
+    })
+
+
+def assign_block(batch: pa.Table, spec: PartitionSpec, source_names: list[str]) -> pa.Table:
+    parts = spec.assign(
+        np.asarray(batch.column("source").to_pylist(), dtype=object),
+        batch.column("eval_key").to_numpy(),
+        batch.column("split_key").to_numpy(),
+    )
+    names = [EVAL_SPLIT if p == EVAL else UNUSED_SPLIT if p == UNUSED else spec.names[p] for p in parts]
+    index = {n: i for i, n in enumerate(source_names)}
+    return batch.append_column("split", pa.array(names, pa.string())).append_column(
+        "source_index", pa.array([index[s] for s in batch.column("source").to_pylist()], pa.int32())
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Bookkeeping
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class IngestReport:
+    rows: Counter = field(default_factory=Counter)  # source -> rows read
+    valid: Counter = field(default_factory=Counter)  # source -> valid rows
+    rejected: Counter = field(default_factory=Counter)  # (source, reason) -> rows
+    tokens: int = 0
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows.values())
+
+    @property
+    def total_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+    def to_dict(self) -> dict:
+        by_source: dict[str, dict] = {}
+        for (src, reason), n in sorted(self.rejected.items()):
+            by_source.setdefault(src, {})[reason] = n
+        return {
+            "rows": dict(self.rows), "valid": dict(self.valid), "rejected": self.total_rejected,
+            "rejected_by_source_and_reason": by_source,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver side: the two passes and the per-stage datasets
+# --------------------------------------------------------------------------------------------------
+def read_sources(sources: list, files: dict[str, list[str]]):
+    """One Ray Dataset of raw rows from every source (each may be capped by `max_rows`)."""
+    import ray.data
+
+    parts = []
+    for src in sources:
+        ds = ray.data.read_datasource(PreferenceFiles(files[src.name], source=src.name, fmt=src.format))
+        parts.append(ds.limit(src.max_rows) if src.max_rows else ds)
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def prepare(sources: list, files: dict[str, list[str]], data_dir: str, settings: TokenizerSettings,
+            rejected_path: str) -> tuple[IngestReport, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Pass 1: tokenise everything to `<data_dir>/prepared`, quarantine bad rows, collect hash keys."""
+    import ray.data
+
+    prepared = f"{data_dir}/prepared"
+    read_sources(sources, files).map_batches(
+        prepare_block, fn_kwargs={"settings": settings}, batch_format="pyarrow", batch_size=256
+    ).write_parquet(prepared)
+
+    report = IngestReport()
+    keys: dict[str, tuple[list, list]] = {s.name: ([], []) for s in sources}
+    cols = ["source", "file", "line", "reason", "raw", "eval_key", "split_key", "num_tokens"]
+    with open(rejected_path, "w") as out:
+        for batch in ray.data.read_parquet(prepared, columns=cols).iter_batches(batch_format="pyarrow"):
+            reasons = batch.column("reason").to_pylist()
+            bad = [i for i, r in enumerate(reasons) if r]
+            for i in bad:
+                row = {c: batch.column(c)[i].as_py() for c in ("source", "file", "line", "reason", "raw")}
+                report.rejected[(row["source"], row["reason"])] += 1
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            ok = np.array([not r for r in reasons], dtype=bool)
+            srcs = np.asarray(batch.column("source").to_pylist(), dtype=object)
+            report.rows.update(srcs.tolist())
+            ek, sk = batch.column("eval_key").to_numpy(), batch.column("split_key").to_numpy()
+            report.tokens += int(batch.column("num_tokens").to_numpy()[ok].sum())
+            for name in np.unique(srcs[ok]):
+                sel = ok & (srcs == name)
+                keys[name][0].append(ek[sel])
+                keys[name][1].append(sk[sel])
+                report.valid[name] += int(sel.sum())
+    as_arrays = {
+        name: tuple(np.concatenate(k) if k else np.empty(0, np.int64) for k in pair) for name, pair in keys.items()
+    }
+    return report, as_arrays
+
+
+def write_partitions(data_dir: str, spec: PartitionSpec, source_names: list[str]) -> None:
+    """Pass 2: `<data_dir>/partitions/split=<name>/` for every partition, `split=_eval` for held-out rows."""
+    import ray.data
+    from ray.data.expressions import col
+
+    ray.data.read_parquet(f"{data_dir}/prepared").filter(expr=col("reason") == "").drop_columns(
+        ["raw", "reason"]
+    ).map_batches(
+        assign_block, fn_kwargs={"spec": spec, "source_names": source_names}, batch_format="pyarrow"
+    ).write_parquet(f"{data_dir}/partitions", partition_cols=["split"])
+
+
+def _with_weight(batch: pa.Table, weight: float) -> pa.Table:
+    return batch.append_column("weight", pa.array(np.full(batch.num_rows, weight, np.float32)))
+
+
+def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int, shuffle_seed: int | None,
+                  with_source: bool = False):
+    """A partition as a Ray Dataset, padded with zero-weight rows to a multiple of `world_size`.
+
+    Ray Train shards with `streaming_split(equal=True)`, which would drop up to world_size - 1 rows;
+    padding makes the split exact, and the zero weights keep the padding out of every gradient and
+    metric (see training.py).
+    """
+    import ray.data
+
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"] + (["source_index"] if with_source else [])
+    base = ray.data.read_parquet(f"{data_dir}/partitions/split={split}", columns=columns)
+    ds = base.random_shuffle(seed=shuffle_seed) if shuffle_seed is not None else base
+    ds = ds.map_batches(_with_weight, fn_kwargs={"weight": 1.0}, batch_format="pyarrow")
+    pad = (-num_pairs) % world_size
+    while pad > 0:  # a partition smaller than the padding needs its rows more than once
+        take = min(pad, num_pairs)
+        ds = ds.union(base.limit(take).map_batches(_with_weight, fn_kwargs={"weight": 0.0}, batch_format="pyarrow"))
+        pad -= take
+    return ds

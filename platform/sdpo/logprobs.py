@@ -1,0 +1,92 @@
+"""Batches of preference pairs and their sequence log-probs. Torch only.
+
+A batch of B pairs is one [2B, L] tensor: rows 0..B-1 are prompt+chosen, rows B..2B-1 are
+prompt+rejected, so the policy (and the reference) run one forward pass per batch.
+
+log pi(y|x) is the sum over the completion's tokens (prompt and padding masked out, the appended EOS
+counted). Only the completion positions go through the log-softmax, so no [2B, L, V] log-prob tensor
+is ever materialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def collate_pairs(
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    *,
+    weights: Sequence[float] | None = None,
+    pad_id: int = 0,
+    padding_side: str = "right",
+) -> dict[str, Tensor]:
+    """Pad B pairs into model inputs; `completion_mask` marks the tokens whose log-probs count."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    seqs, comp_lens = [], []
+    for completions in (chosen_ids, rejected_ids):
+        for prompt, completion in zip(prompt_ids, completions, strict=True):
+            seqs.append(list(prompt) + list(completion))
+            comp_lens.append(len(completion))
+    length = max(len(s) for s in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    completion_mask = torch.zeros((n, length), dtype=torch.bool)
+    for i, (seq, comp) in enumerate(zip(seqs, comp_lens, strict=True)):
+        start = 0 if padding_side == "right" else length - len(seq)
+        end = start + len(seq)
+        input_ids[i, start:end] = torch.as_tensor(seq, dtype=torch.long)
+        attention_mask[i, start:end] = 1
+        completion_mask[i, end - comp:end] = True
+    # Explicit positions: with left padding the first real token must still be position 0.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    b = len(prompt_ids)
+    w = torch.ones(b) if weights is None else torch.tensor(list(weights), dtype=torch.float32)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "completion_mask": completion_mask,
+        "weights": w,
+    }
+
+
+def token_logps_sum(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of log p(token) over each row's completion tokens, and their count.
+
+    logits[:, t] predicts input_ids[:, t+1]; only masked positions are normalised.
+    """
+    targets = completion_mask[:, 1:]
+    rows = targets.nonzero(as_tuple=True)[0]
+    picked = logits[:, :-1][targets].float()  # [N, V], N = completion tokens in the batch
+    labels = input_ids[:, 1:][targets]
+    token_logps = picked.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    n = input_ids.shape[0]
+    sums = torch.zeros(n, dtype=token_logps.dtype, device=logits.device).index_add(0, rows, token_logps)
+    counts = targets.sum(-1)
+    return sums, counts
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, average: bool = False) -> Tensor:
+    """log pi(y|x) per row of the batch: the sum over completion tokens, or their mean if `average`."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    )
+    sums, counts = token_logps_sum(out.logits, batch["input_ids"], batch["completion_mask"])
+    return sums / counts.clamp(min=1) if average else sums
+
+
+def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
+    """[2B] -> (chosen [B], rejected [B])."""
+    b = values.shape[0] // 2
+    return values[:b], values[b:]

@@ -1,0 +1,151 @@
+"""Splitting preference data into a held-out set and stage partitions. Pure NumPy, no Ray.
+
+Every row gets two seeded 62-bit hash keys from its identity (source, file name, line): one decides
+whether it is held out for evaluation, the other which partition it trains in. A split is then a set
+of *cut-offs* on those keys, computed once from the keys alone:
+
+- exact sizes: the cut-off between two parts is the key at the cumulative size's rank, so part j
+  holds exactly `sizes[j]` rows (keys are distinct with overwhelming probability);
+- streaming: assigning a row needs only its own keys and the cut-offs (a few integers per source),
+  so the ingest pass can assign rows block by block without a shuffle;
+- deterministic: the same rows and seed give the same split on any machine, whatever the file order
+  or block layout.
+
+Strategies: `natural` (one partition per source, in the listed order — the sDPO paper's split),
+`random` (pool the sources, k parts), `stratified` (cut each source into k parts with the same
+proportions, so every part has the same source mix — the paper's "sDPO Strat.").
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+KEY_SPACE = 1 << 62  # keys lie in [0, KEY_SPACE); KEY_SPACE itself is the "after every key" cut-off
+EVAL = -1  # partition index of held-out rows
+UNUSED = -2  # rows of a source that the natural order leaves out
+
+
+def row_keys(source: str, file_name: str, line: int, seed: int) -> tuple[int, int]:
+    """(eval key, split key) of a row; independent of each other and of the block layout."""
+    digest = hashlib.blake2b(f"{seed}\x1f{source}\x1f{file_name}\x1f{line}".encode(), digest_size=16).digest()
+    return (
+        int.from_bytes(digest[:8], "little") % KEY_SPACE,
+        int.from_bytes(digest[8:], "little") % KEY_SPACE,
+    )
+
+
+def split_sizes(n: int, proportions: Sequence[float]) -> list[int]:
+    """Sizes summing to n, proportional to `proportions` (largest-remainder rounding, ties to the first)."""
+    if n < 0 or not proportions or any(p <= 0 for p in proportions):
+        raise ValueError(f"need n >= 0 and positive proportions, got n={n}, proportions={list(proportions)}")
+    total = float(sum(proportions))
+    exact = [n * p / total for p in proportions]
+    sizes = [int(x) for x in exact]
+    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - sizes[i]), i))
+    for i in order[: n - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
+
+
+def cutoffs(keys: np.ndarray, sizes: Sequence[int]) -> list[int]:
+    """Cut-offs c_1..c_{k-1} such that part j = {keys in [c_j, c_{j+1})} has exactly sizes[j] rows."""
+    n = len(keys)
+    if sum(sizes) != n:
+        raise ValueError(f"sizes {list(sizes)} do not add up to {n} rows")
+    bounds = np.cumsum(sizes)[:-1]
+    inner = bounds[bounds < n]
+    sorted_keys = np.partition(keys, inner) if len(inner) else keys
+    return [int(sorted_keys[b]) if b < n else KEY_SPACE for b in bounds]
+
+
+def eval_cutoff(keys: np.ndarray, fraction: float, cap: int | None) -> tuple[int, int]:
+    """(cut-off, count): rows whose eval key is below the cut-off are held out."""
+    n = len(keys)
+    count = min(round(fraction * n), cap if cap is not None else n)
+    if count == 0:
+        return 0, 0
+    if count >= n:
+        return KEY_SPACE, n
+    return int(np.partition(keys, count)[count]), count
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """A complete split: cut-offs per source, small enough to ship to every Ray Data task."""
+
+    strategy: str
+    names: list[str]  # partition names, in stage order
+    sizes: list[int]  # training pairs per partition
+    eval_cut: dict[str, int]  # source -> eval cut-off
+    eval_sizes: dict[str, int]  # source -> held-out pairs
+    natural_index: dict[str, int] = field(default_factory=dict)  # natural: source -> partition
+    split_cuts: dict[str, list[int]] = field(default_factory=dict)  # source (or "*") -> cut-offs
+    unused: dict[str, int] = field(default_factory=dict)  # source -> rows not in any partition
+
+    def assign(self, sources: np.ndarray, eval_keys: np.ndarray, split_keys: np.ndarray) -> np.ndarray:
+        """Partition index per row: 0..k-1, EVAL, or UNUSED."""
+        out = np.empty(len(sources), dtype=np.int64)
+        for src in np.unique(sources):
+            rows = sources == src
+            src = str(src)
+            part = np.full(int(rows.sum()), UNUSED, dtype=np.int64)
+            if self.strategy == "natural":
+                if src in self.natural_index:
+                    part[:] = self.natural_index[src]
+            else:
+                cuts = self.split_cuts.get(src, self.split_cuts.get("*"))
+                part[:] = np.searchsorted(np.asarray(cuts, dtype=np.int64), split_keys[rows], side="right")
+            part[eval_keys[rows] < self.eval_cut.get(src, 0)] = EVAL
+            out[rows] = part
+        return out
+
+
+def plan_partitions(
+    keys: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    strategy: str,
+    order: Sequence[str] | None = None,
+    num_parts: int | None = None,
+    proportions: Sequence[float] | str | None = None,
+    eval_fraction: float = 0.0,
+    eval_cap: int | None = None,
+) -> PartitionSpec:
+    """Compute a split from each source's (eval keys, split keys) of its valid rows.
+
+    `keys` is ordered as the sources are listed in the job.
+    """
+    eval_cut, eval_sizes, train_keys = {}, {}, {}
+    for src, (ek, sk) in keys.items():
+        eval_cut[src], eval_sizes[src] = eval_cutoff(ek, eval_fraction, eval_cap)
+        train_keys[src] = sk[ek >= eval_cut[src]]
+
+    if strategy == "natural":
+        names = list(order or keys)
+        unused = {s: len(k) for s, k in train_keys.items() if s not in names}
+        return PartitionSpec(
+            strategy, names, [len(train_keys[s]) for s in names], eval_cut, eval_sizes,
+            natural_index={s: i for i, s in enumerate(names)}, unused=unused,
+        )
+
+    if proportions == "natural":
+        props = [max(len(k), 1) for k in train_keys.values()]
+    elif proportions is not None:
+        props = list(proportions)
+    else:
+        props = [1.0] * (num_parts or 2)
+    names = [f"part{i + 1}" for i in range(len(props))]
+    if strategy == "random":
+        pooled = np.concatenate(list(train_keys.values())) if train_keys else np.empty(0, np.int64)
+        sizes = split_sizes(len(pooled), props)
+        cuts = {"*": cutoffs(pooled, sizes)}
+    elif strategy == "stratified":
+        per_source = {s: split_sizes(len(k), props) for s, k in train_keys.items()}
+        cuts = {s: cutoffs(train_keys[s], per_source[s]) for s in train_keys}
+        sizes = [sum(sz[j] for sz in per_source.values()) for j in range(len(props))]
+    else:
+        raise ValueError(f"unknown split strategy {strategy!r}; use natural, random or stratified")
+    return PartitionSpec(strategy, names, sizes, eval_cut, eval_sizes, split_cuts=cuts)

@@ -1,0 +1,315 @@
+"""The sDPO driver: check inputs, ingest, plan, train the stages in order, write the summary.
+
+Stage t is a Ray Train `TorchTrainer` whose reference is M_{t-1} (frozen) and whose policy starts
+from M_{t-1} (`init: previous`) or from the base model (`init: base`). M_{t-1} travels to stage t as
+the Ray `Checkpoint` of stage t-1, so it works the same on one machine or a cluster; the driver also
+writes it to `<output>/stages/<t>/model/` in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdpo.config import ConfigError, JobConfig
+from sdpo.plan import BASE, PlanError, StagePlan, format_plan, plan_resources, plan_stages
+
+SUMMARY = "summary.json"
+REJECTED = "rejected_rows.jsonl"
+BUILTIN = "builtin:quickstart/"
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs: built-in assets, files, model and tokenizer — all checked before Ray starts any work
+# --------------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    return Path(os.environ.get("SDPO_CACHE", Path.home() / ".cache" / "sdpo"))
+
+
+def resolve_builtins(job: JobConfig) -> JobConfig:
+    """Replace `builtin:quickstart/...` paths with the tiny offline assets (built on first use)."""
+    paths = [job.model.path, job.model.tokenizer or ""] + [p for s in job.data.sources for p in s.paths]
+    if not any(p.startswith(BUILTIN) for p in paths):
+        return job
+    from sdpo.assets import build_quickstart_assets
+
+    assets = build_quickstart_assets(cache_dir() / "quickstart")
+    table = {f"{BUILTIN}model": str(assets.model_dir)} | {
+        f"{BUILTIN}{name}": str(path) for name, path in assets.sources.items()
+    }
+
+    def sub(p: str) -> str:
+        if p.startswith(BUILTIN) and p not in table:
+            raise ConfigError(f"unknown built-in asset {p!r}; known: {sorted(table)}")
+        return table.get(p, p)
+
+    raw = job.model_dump()
+    raw["model"]["path"] = sub(job.model.path)
+    if job.model.tokenizer:
+        raw["model"]["tokenizer"] = sub(job.model.tokenizer)
+    for src in raw["data"]["sources"]:
+        src["path"] = sub(src["path"]) if isinstance(src["path"], str) else [sub(p) for p in src["path"]]
+    return JobConfig.model_validate(raw)
+
+
+def resolve_files(job: JobConfig) -> dict[str, list[str]]:
+    """Expand every source's paths and globs (local or fsspec URL); a pattern matching nothing is an error."""
+    import fsspec
+
+    files: dict[str, list[str]] = {}
+    for src in job.data.sources:
+        found: list[str] = []
+        for pattern in src.paths:
+            fs, _, matches = fsspec.get_fs_token_paths(pattern)
+            matches = [m for m in matches if fs.isfile(m)]
+            if not matches:
+                raise ConfigError(
+                    f"data.sources[{src.name}].path: {pattern!r} matches no file; check the path or glob"
+                )
+            protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+            found += sorted(m if protocol in ("file", "local") else f"{protocol}://{m}" for m in matches)
+        files[src.name] = found
+    return files
+
+
+def check_model(job: JobConfig):
+    """Load the model's config and the tokenizer in the driver; return the tokenizer."""
+    from transformers import AutoConfig
+
+    from sdpo.ingest import load_tokenizer
+
+    m = job.model
+    try:
+        config = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.path {m.path!r} is not a loadable model: {err}") from None
+    try:
+        tok = load_tokenizer(m.tokenizer_path, m.revision, m.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.tokenizer {m.tokenizer_path!r} is not a loadable tokenizer: {err}") from None
+    if tok.eos_token_id is None:
+        raise ConfigError(f"tokenizer {m.tokenizer_path!r} has no EOS token; completions need one")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tok) > vocab:
+        raise ConfigError(
+            f"tokenizer {m.tokenizer_path!r} has {len(tok)} tokens but model {m.path!r} only {vocab}; "
+            "they do not belong together (set model.tokenizer to the model's own tokenizer)"
+        )
+    return tok
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------------
+def init_ray(address: str | None) -> None:
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"log_to_driver": True}
+        if address:
+            import sdpo
+
+            kwargs["runtime_env"] = {"py_modules": [os.path.dirname(sdpo.__file__)]}
+        ray.init(address=address, **kwargs)
+    DataContext.get_current().enable_progress_bars = False
+
+
+def stage_config(job: JobConfig, stage: StagePlan, init: Any, reference: Any, threads: int) -> dict:
+    t = job.training
+    return {
+        "stage": stage.index, "partition": stage.partition, "init": init, "reference": reference,
+        "tokenizer": job.model.tokenizer_path, "revision": job.model.revision,
+        "trust_remote_code": job.model.trust_remote_code,
+        "loss_type": job.loss.type, "beta": stage.beta,
+        "loss_options": job.loss.model_dump(exclude={"type", "beta"}),
+        "learning_rate": stage.learning_rate, "epochs": stage.epochs, "total_steps": stage.total_steps,
+        "batch_size": t.batch_size, "eval_batch_size": 2 * t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "weight_decay": t.weight_decay, "adam_betas": list(t.adam_betas), "adam_epsilon": t.adam_epsilon,
+        "lr_scheduler": t.lr_scheduler, "warmup_ratio": t.warmup_ratio, "max_grad_norm": t.max_grad_norm,
+        "precision": t.precision, "logging_steps": t.logging_steps,
+        "seed": job.seed * 1000 + stage.index, "torch_threads": threads,
+        "source_names": [s.name for s in job.data.sources],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    job: JobConfig
+    out: Path
+    stages: list[StagePlan]
+    spec: Any
+    report: Any
+    resources: Any
+
+
+def prepare_run(job: JobConfig, out: Path, *, address: str | None, log: Callable[[str], None]) -> Prepared:
+    """Everything before training: checks, ingest, split, plan. Raises before any compute is spent."""
+    import ray
+
+    from sdpo import ingest
+    from sdpo.partition import plan_partitions
+
+    job = resolve_builtins(job)
+    files = resolve_files(job)
+    tok = check_model(job)
+    init_ray(address)
+    s = job.scaling
+    resources = plan_resources(ray.cluster_resources(), num_workers=s.num_workers, use_gpu=s.use_gpu,
+                               data_cpus=s.data_cpus, resources_per_worker=s.resources_per_worker)
+    data_dir = str((out / "data").resolve())
+    settings = ingest.TokenizerSettings(
+        path=job.model.tokenizer_path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code,
+        max_length=job.data.max_length, max_prompt_length=job.data.max_prompt_length, eos_id=tok.eos_token_id,
+        seed=job.partitioning.seed, eval_seed=job.data.eval.seed,
+    )
+    log(f"reading {sum(len(f) for f in files.values())} file(s) from {len(files)} source(s)")
+    report, keys = ingest.prepare(job.data.sources, files, data_dir, settings, str(out / REJECTED))
+    _check_rejections(job, report, out)
+    p = job.partitioning
+    spec = plan_partitions(
+        keys, strategy=p.strategy.value, order=p.order, num_parts=p.num_parts, proportions=p.proportions,
+        eval_fraction=job.data.eval.fraction, eval_cap=job.data.eval.max_pairs_per_source,
+    )
+    stages = plan_stages(job, spec.names, spec.sizes)  # raises on empty partitions, before the write pass
+    ingest.write_partitions(data_dir, spec, [src.name for src in job.data.sources])
+    log(f"rows read {report.total_rows}, valid {sum(report.valid.values())}, "
+        f"quarantined {report.total_rejected} (see {out / REJECTED})")
+    for name, n in spec.unused.items():
+        log(f"note: {n} valid pairs of source {name!r} are not in partitioning.order and will not be trained on")
+    log(format_plan(stages, sum(spec.eval_sizes.values())))
+    return Prepared(job, out, stages, spec, report, resources)
+
+
+def _check_rejections(job: JobConfig, report, out: Path) -> None:
+    total, bad = report.total_rows, report.total_rejected
+    if total == 0:
+        raise ConfigError("the data sources hold no rows")
+    if bad / total > job.data.max_rejected_fraction:
+        reasons = "\n".join(f"  {src}: {reason}: {n}" for (src, reason), n in report.rejected.most_common(10))
+        raise ConfigError(
+            f"{bad} of {total} rows ({bad / total:.1%}) were quarantined, more than "
+            f"data.max_rejected_fraction={job.data.max_rejected_fraction:g}. Most common reasons:\n{reasons}\n"
+            f"Each row is listed with its source, file and line in {out / REJECTED}; fix the data or raise the threshold."
+        )
+
+
+def train_stages(prep: Prepared, *, log: Callable[[str], None]) -> list[dict]:
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sdpo.ingest import EVAL_SPLIT, split_dataset
+    from sdpo.worker import STAGE_METRICS, STEP_LOG, stage_loop
+
+    job, out = prep.job, prep.out
+    world = job.scaling.num_workers
+    data_dir = str((out / "data").resolve())
+    eval_pairs = sum(prep.spec.eval_sizes.values())
+    base, previous, records = job.model.path, None, []
+    for stage in prep.stages:
+        ref = base if stage.reference == BASE else previous
+        init = base if stage.init == BASE else previous
+        datasets = {"train": split_dataset(
+            data_dir, stage.partition, num_pairs=stage.num_pairs, world_size=world,
+            shuffle_seed=(job.seed * 1000 + stage.index) if job.training.shuffle else None,
+        )}
+        if eval_pairs:
+            datasets["eval"] = split_dataset(data_dir, EVAL_SPLIT, num_pairs=eval_pairs, world_size=world,
+                                             shuffle_seed=None, with_source=True)
+        trainer = TorchTrainer(
+            stage_loop,
+            train_loop_config=stage_config(job, stage, init, ref, prep.resources.torch_threads),
+            scaling_config=ScalingConfig(num_workers=world, use_gpu=job.scaling.use_gpu,
+                                         resources_per_worker=prep.resources.per_worker),
+            run_config=RunConfig(name=stage.run_name, storage_path=str((out / "ray").resolve())),
+            datasets=datasets,
+            dataset_config=DataConfig(),
+        )
+        log(f"stage {stage.index}/{len(prep.stages)}: training on {stage.partition!r} "
+            f"({stage.num_pairs} pairs, reference {stage.reference}, init {stage.init})")
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        stage_dir = out / "stages" / str(stage.index)
+        model_path = stage_dir / "model"
+        result.checkpoint.to_directory(str(model_path))
+        for name in (STEP_LOG, STAGE_METRICS):
+            shutil.move(str(model_path / name), str(stage_dir / name))
+        metrics = json.loads((stage_dir / STAGE_METRICS).read_text())
+        metrics["wall_seconds"] = time.perf_counter() - t0
+        records.append({
+            "index": stage.index, "partition": stage.partition, "num_pairs": stage.num_pairs,
+            "reference": base if stage.reference == BASE else records[-1]["model"],
+            "init": base if stage.init == BASE else records[-1]["model"],
+            "model": str(model_path.resolve()), "metrics": metrics,
+        })
+        log(stage_line(records[-1]))
+        previous = result.checkpoint
+    return records
+
+
+def stage_line(record: dict) -> str:
+    m = record["metrics"]
+    parts = [f"stage {record['index']} done in {m['wall_seconds']:.0f}s: "
+             f"loss {m['first_step_loss']:.4f} -> {m.get('final/loss', float('nan')):.4f}"]
+    if "eval/ranking_accuracy" in m:
+        parts.append(f"held-out ranking accuracy {m.get('before/eval/ranking_accuracy', float('nan')):.3f} -> "
+                     f"{m['eval/ranking_accuracy']:.3f}")
+        per_source = sorted({k.split("/")[1] for k in m if k.startswith("eval/") and k.count("/") == 2})
+        for src in per_source:
+            parts.append(f"{src} {m.get(f'before/eval/{src}/ranking_accuracy', float('nan')):.3f} -> "
+                         f"{m[f'eval/{src}/ranking_accuracy']:.3f}")
+    return "; ".join(parts)
+
+
+def run(job: JobConfig, *, output_dir: str | None = None, address: str | None = None, overwrite: bool = False,
+        plan_only: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run (or, with `plan_only`, check and plan) an sDPO job; returns the summary."""
+    out = Path(output_dir or job.output_dir)
+    prepare_output(out, overwrite)
+    try:
+        prep = prepare_run(job, out, address=address, log=log)
+    except PlanError as err:
+        raise ConfigError(str(err)) from None
+    summary = {
+        "job": prep.job.name,
+        "config": prep.job.model_dump(mode="json"),
+        "base_model": prep.job.model.path,
+        "plan": [s.to_dict() for s in prep.stages],
+        "data": prep.report.to_dict() | {
+            "partitions": dict(zip(prep.spec.names, prep.spec.sizes, strict=True)),
+            "eval": prep.spec.eval_sizes, "unused": prep.spec.unused, "tokens": prep.report.tokens,
+        },
+        "rejected_rows": prep.report.total_rejected,
+        "rejected_rows_file": str((out / REJECTED).resolve()),
+        "stages": [],
+        "final_model": None,
+    }
+    if not plan_only:
+        summary["stages"] = train_stages(prep, log=log)
+        summary["final_model"] = summary["stages"][-1]["model"]
+    write_json_atomic(out / SUMMARY, summary)
+    return summary
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,149 @@
+"""Planning before compute: the stage chain and the Ray resources. Pure Python, no Ray.
+
+The sDPO pipeline is data: a list of stages, each naming its partition, its reference and its init,
+so it can be printed, hashed and checked before anything trains. Resources are planned the same way:
+a pure function decides what each training worker asks for and refuses a plan that cannot run —
+including one that would leave Ray Data no CPU, which hangs `fit()` forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+
+from sdpo.config import JobConfig
+
+BASE = "base"
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; the message names the setting to change."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int  # 1-based
+    partition: str
+    num_pairs: int
+    reference: str  # "base" or "stage <t-1>"
+    init: str  # "base" or "stage <t-1>"
+    beta: float
+    learning_rate: float
+    epochs: int
+    steps_per_epoch: int
+    run_name: str
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"total_steps": self.total_steps}
+
+
+def steps_per_epoch(num_pairs: int, world_size: int, batch_size: int, accumulation: int) -> int:
+    """Optimiser steps per epoch when the partition is padded to a multiple of the worker count."""
+    rows_per_worker = math.ceil(num_pairs / world_size)
+    return math.ceil(math.ceil(rows_per_worker / batch_size) / accumulation)
+
+
+def job_hash(job: JobConfig) -> str:
+    return hashlib.sha256(json.dumps(job.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def plan_stages(job: JobConfig, names: list[str], sizes: list[int]) -> list[StagePlan]:
+    overrides = job.stages or []
+    if overrides and len(overrides) != len(names):
+        raise PlanError(
+            f"stages: {len(overrides)} override entries for {len(names)} partitions {names}; "
+            "give one entry per stage (use {} for no change)"
+        )
+    t = job.training
+    digest = job_hash(job)[:10]
+    plans = []
+    for i, (name, n) in enumerate(zip(names, sizes, strict=True), start=1):
+        if n == 0:
+            raise PlanError(f"partition {name!r} (stage {i}) has no training pairs; check its source and the eval split")
+        o = overrides[i - 1] if overrides else None
+        prev = BASE if i == 1 else f"stage {i - 1}"
+        epochs = (o and o.epochs) or t.epochs
+        plans.append(StagePlan(
+            index=i,
+            partition=name,
+            num_pairs=n,
+            reference=prev,
+            init=prev if job.init == "previous" else BASE,
+            beta=(o and o.beta) or job.loss.beta,
+            learning_rate=(o and o.learning_rate) or t.learning_rate,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch(n, job.scaling.num_workers, t.batch_size, t.gradient_accumulation_steps),
+            run_name=f"{job.name}-stage{i}-{digest}",
+        ))
+    return plans
+
+
+def format_plan(stages: list[StagePlan], eval_pairs: int) -> str:
+    head = f"{'stage':>5}  {'partition':<16} {'pairs':>7}  {'reference':<9}  {'init':<9}  {'beta':>6}  {'lr':>8}  {'epochs':>6}  {'steps':>6}"
+    rows = [
+        f"{s.index:>5}  {s.partition:<16} {s.num_pairs:>7}  {s.reference:<9}  {s.init:<9}  {s.beta:>6g}  "
+        f"{s.learning_rate:>8.2g}  {s.epochs:>6}  {s.total_steps:>6}"
+        for s in stages
+    ]
+    return "\n".join([head, *rows, f"held-out pairs: {eval_pairs}"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Resources
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResourcePlan:
+    per_worker: dict[str, float]
+    torch_threads: int
+    data_cpus: float
+
+
+def plan_resources(
+    cluster: dict[str, float],
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    data_cpus: float,
+    resources_per_worker: dict[str, float] | None = None,
+) -> ResourcePlan:
+    """What each training worker asks for, leaving `data_cpus` CPUs to Ray Data.
+
+    Default on CPU: share the cluster's CPUs (less the data reserve) among the workers, at most 1
+    each. On GPU: one GPU and one CPU per worker.
+    """
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if resources_per_worker is not None:
+        per = dict(resources_per_worker)
+        if use_gpu:
+            per.setdefault("GPU", 1.0)
+    elif use_gpu:
+        per = {"CPU": 1.0, "GPU": 1.0}
+    else:
+        share = (cpus - data_cpus) / num_workers
+        if share <= 0:
+            raise PlanError(
+                f"scaling: the cluster has {cpus:g} CPUs and scaling.data_cpus={data_cpus:g} are kept for "
+                f"Ray Data, which leaves none for scaling.num_workers={num_workers}; lower data_cpus or "
+                "num_workers, or add nodes"
+            )
+        per = {"CPU": min(1.0, share)}
+    need_cpu = per.get("CPU", 0.0) * num_workers
+    need_gpu = per.get("GPU", 0.0) * num_workers
+    if need_gpu > gpus:
+        raise PlanError(
+            f"scaling: {num_workers} workers x {per.get('GPU'):g} GPU need {need_gpu:g} GPUs but the cluster "
+            f"has {gpus:g}; lower scaling.num_workers or set scaling.use_gpu=false"
+        )
+    if need_cpu + data_cpus > cpus + 1e-9:
+        raise PlanError(
+            f"scaling: workers ask for {need_cpu:g} CPUs and Ray Data keeps {data_cpus:g}, more than the "
+            f"cluster's {cpus:g}; lower scaling.resources_per_worker.CPU, num_workers or data_cpus "
+            "(a request that can never be met would otherwise wait forever)"
+        )
+    return ResourcePlan(per, max(1, int(per.get("CPU", 1.0))), data_cpus)

@@ -1,0 +1,215 @@
+"""The per-worker loop of one sDPO stage (Ray Train V2).
+
+Each worker streams its shard of the stage's partition, trains the policy initialised from `init`
+against the frozen `reference`, and at the end rank 0 writes the model and tokenizer in Hugging Face
+format (plus the step log) as the stage's checkpoint. The mechanics live in `training.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from sdpo.logprobs import collate_pairs
+from sdpo.training import (
+    TRAIN_METRICS,
+    LossSettings,
+    autocast,
+    build_optimizer,
+    eval_report,
+    eval_sums,
+    freeze,
+    lr_multiplier,
+    means_from_sums,
+    pair_losses,
+    scale_gradients,
+    use_bf16,
+    weighted_sums,
+)
+
+STEP_LOG = "trainer_log.jsonl"
+STAGE_METRICS = "stage_metrics.json"
+
+
+class PairCollate(NumpyBatchCollateFn):
+    """Ray Data numpy batch -> padded pair tensors (see `logprobs.collate_pairs`)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        out = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"],
+                            weights=batch["weight"])
+        if "source_index" in batch:
+            out["source_index"] = torch.tensor(batch["source_index"].tolist(), dtype=torch.long)
+        return out
+
+
+@contextmanager
+def model_dir(ref: Any):
+    """A local directory for a model reference: a path / hub id, or a Ray Checkpoint."""
+    if isinstance(ref, ray.train.Checkpoint):
+        with ref.as_directory() as d:
+            yield d
+    else:
+        yield ref
+
+
+def load_model(ref: Any, cfg: dict, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with model_dir(ref) as path:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, revision=cfg.get("revision") if isinstance(ref, str) else None,
+            trust_remote_code=cfg["trust_remote_code"],
+        )
+    return model.to(device)
+
+
+def _allreduce(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def _evaluate(policy, reference, loss, cfg, device, bf16, world) -> dict[str, float]:
+    shard = ray.train.get_dataset_shard("eval")
+    if shard is None:
+        return {}
+    batches = shard.iter_torch_batches(batch_size=cfg["eval_batch_size"], collate_fn=PairCollate())
+    sums = eval_sums(policy, reference, iter(batches), loss, len(cfg["source_names"]), device=device, bf16=bf16)
+    return eval_report(_allreduce(sums, world), cfg["source_names"])
+
+
+def stage_loop(cfg: dict) -> None:
+    """Train one stage. `cfg` is built by `pipeline.stage_config`."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray Train logs every report's full metrics dict at INFO; the step log and summary carry them.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    torch.set_num_threads(cfg["torch_threads"])
+    torch.manual_seed(cfg["seed"] + rank)
+    device = ray.train.torch.get_device()
+    bf16 = use_bf16(cfg["precision"], device)
+    loss = LossSettings(cfg["loss_type"], cfg["beta"], cfg["loss_options"])
+
+    policy = load_model(cfg["init"], cfg, device)
+    reference = freeze(load_model(cfg["reference"], cfg, device))
+    eval_before = _evaluate(policy, reference, loss, cfg, device, bf16, world)
+    policy.train()
+    model = ray.train.torch.prepare_model(policy) if world > 1 else policy
+
+    optimizer = build_optimizer(model, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"],
+                                betas=cfg["adam_betas"], eps=cfg["adam_epsilon"])
+    total = cfg["total_steps"]
+    warmup = math.ceil(cfg["warmup_ratio"] * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg["lr_scheduler"], warmup, total))
+    accum = cfg["gradient_accumulation_steps"]
+    shard = ray.train.get_dataset_shard("train")
+
+    log: list[dict] = []
+    # window = [real pairs, weighted metric sums..., non-padding tokens] for the current optimiser step
+    window = torch.zeros(2 + len(TRAIN_METRICS), device=device)
+    state = {"step": 0, "pairs": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
+    for epoch in range(cfg["epochs"]):
+        batches = shard.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=PairCollate(),
+                                           prefetch_batches=2)
+        micro = 0
+        for micro, batch in enumerate(batches, start=1):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(bf16, device):
+                losses, metrics = pair_losses(model, reference, batch, loss)
+            (losses * batch["weights"]).sum().backward()
+            window[:-1] += weighted_sums(metrics, batch["weights"], TRAIN_METRICS)
+            window[-1] += _real_tokens(batch)
+            if micro % accum == 0:
+                log.append(_optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch))
+        if micro % accum:  # a partial window at the end of the epoch
+            log.append(_optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch))
+
+    eval_after = _evaluate(policy, reference, loss, cfg, device, bf16, world)
+    summary = _stage_summary(log, eval_before, eval_after, state["step"], time.perf_counter() - state["t0"])
+    _report(policy, cfg, log, summary, rank)
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Non-padding tokens of the batch's real pairs (padding rows weigh 0)."""
+    per_row = batch["attention_mask"].sum(-1).float()
+    b = batch["weights"].shape[0]
+    return ((per_row[:b] + per_row[b:]) * batch["weights"]).sum()
+
+
+def _optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch) -> dict:
+    """Rescale, clip and apply the accumulated gradients; return the step's log entry."""
+    sums = _allreduce(window.clone(), world)
+    window.zero_()
+    pairs = float(sums[0])
+    # DDP averaged the per-worker weighted sums; rescale to the mean over the window's real pairs.
+    scale_gradients(model, world / max(pairs, 1.0))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"] or float("inf")))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["step"] += 1
+    state["pairs"] += pairs
+    state["tokens"] += float(sums[-1])
+    step = state["step"]
+    elapsed = time.perf_counter() - state["t0"]
+    entry = {"step": step, "epoch": epoch, "pairs": pairs, "lr": lr, "grad_norm": grad_norm,
+             **means_from_sums(sums[:-1], TRAIN_METRICS), "elapsed_s": elapsed,
+             "pairs_per_s": state["pairs"] / elapsed, "tokens_per_s": state["tokens"] / elapsed}
+    if ray.train.get_context().get_world_rank() == 0 and (step % cfg["logging_steps"] == 0 or step == cfg["total_steps"]):
+        _progress(
+            f"[stage {cfg['stage']} {cfg['partition']}] step {step}/{cfg['total_steps']} "
+            f"loss {entry['loss']:.4f} acc {entry['rewards/accuracies']:.2f} "
+            f"margin {entry['rewards/margins']:+.4f} lr {lr:.2e} {entry['pairs_per_s']:.1f} pairs/s"
+        )
+    return entry
+
+
+def _progress(line: str) -> None:
+    # Ray Train patches print() into its logger, which reaches the driver twice; write directly.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _stage_summary(log, eval_before, eval_after, steps, seconds) -> dict:
+    def mean(key):
+        vals = [e[key] for e in log if math.isfinite(e[key])]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    out = {"steps": steps, "train_seconds": seconds, "first_step_loss": log[0]["loss"] if log else float("nan")}
+    if log:
+        out.update({f"train/{k}": mean(k) for k in TRAIN_METRICS})
+        out.update({f"final/{k}": log[-1][k] for k in TRAIN_METRICS})
+        out["pairs_per_s"] = log[-1]["pairs_per_s"]
+        out["tokens_per_s"] = log[-1]["tokens_per_s"]
+    out.update({f"before/{k}": v for k, v in eval_before.items()})
+    out.update(eval_after)
+    return out
+
+
+def _report(policy, cfg, log, summary, rank) -> None:
+    if rank != 0:
+        ray.train.report(summary, checkpoint=None)
+        return
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        policy.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(cfg["tokenizer"], revision=cfg.get("revision"),
+                                      trust_remote_code=cfg["trust_remote_code"]).save_pretrained(tmp)
+        Path(tmp, STEP_LOG).write_text("".join(json.dumps(e) + "\n" for e in log))
+        Path(tmp, STAGE_METRICS).write_text(json.dumps(summary, indent=2))
+        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))
