@@ -11,9 +11,10 @@ to walk through and the held-out ranking accuracy visibly moves at each step:
 - ``easy`` (TRL conversational format): reply to a greeting from a random name; chosen is a polite
   reply, rejected a rude one. The preference is a pattern of words, learnt in a few dozen steps, and
   it carries over to held-out names and prompt/reply combinations.
-- ``hard`` (TRL standard format): copy a list of words; chosen is the exact copy, rejected the copy
-  with one word swapped for a word that is not in the list. Only the prompt tells which is right, so
-  the model has to learn to look back at it.
+- ``hard`` (TRL standard format): "which is larger : 17 or 4 ?"; chosen answers with the larger
+  number, rejected with the smaller one. Both answers come from the prompt, so nothing but an order
+  on the 40 number tokens ranks them, and it has to be pieced together from pairwise comparisons:
+  slower to learn, but it carries over to held-out pairs of numbers.
 
 Chosen and rejected always have the same number of tokens (a model cannot win on length), and every
 word is in the tokenizer's vocabulary (no ``<unk>``).
@@ -32,11 +33,13 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 ASSETS_VERSION = "1"
-SEED = 1234
+SEED = 6  # any seed works (checked: 5 seeds); this one starts both sources near chance
 N_PAIRS = {"easy": 600, "hard": 1200}
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 # The fallback chat template renders "{role}: {content}\n" and the generation prompt "assistant: ".
@@ -55,24 +58,27 @@ GREETINGS = [
     "hey there , {name} here .",
     "greetings , i am called {name} .",
 ]
-# A reply is "{opener} {name} , {body}": 1 + 1 + 1 + 4 tokens whether polite or rude. Many openers and
-# bodies, so an untrained model's preference averages out near chance instead of hinging on one template.
+# A reply is "{opener} {name} , {body}": 1 + 1 + 1 + 4 tokens whether polite or rude. Openers and bodies
+# combine freely, so what is learnt is "polite words beat rude ones", not a handful of memorised strings.
 POLITE = (
-    ["hello", "hi", "welcome", "dear", "greetings"],
-    ["nice to meet you", "glad to see you", "what a lovely name", "how can i help",
-     "it is a pleasure", "you are very welcome"],
+    "hello hi welcome dear greetings".split(),
+    (
+        "nice to meet you|glad to see you|what a lovely name|how can i help|it is a pleasure|"
+        "you are very welcome"
+    ).split("|"),
 )
 RUDE = (
-    ["ugh", "whatever", "hmph", "meh", "bah"],
-    ["you are so boring", "go away right now", "i do not care", "stop bothering me now",
-     "nobody asked for you", "what a silly name"],
+    "ugh whatever hmph meh bah".split(),
+    (
+        "you are so boring|go away right now|i do not care|stop bothering me now|nobody asked for you|"
+        "what a silly name"
+    ).split("|"),
 )
 
 
-# --- hard: compare two numbers. -------------------------------------------------------------------
+# --- hard: answer the larger of two numbers (780 possible pairs; each number is one token). -------
 NUMBERS = [str(n) for n in range(40)]
-QUESTIONS = ["which is {op} : {a} or {b} ?", "pick the {op} number : {a} or {b} ?"]
-OPS = ("larger", "smaller")
+QUESTIONS = ["which is larger : {a} or {b} ?", "pick the larger number : {a} or {b} ?"]
 
 
 @dataclass(frozen=True)
@@ -96,17 +102,16 @@ def _easy_pair(rng: random.Random) -> dict:
 
 
 def _hard_pair(rng: random.Random) -> dict:
-    a, b = rng.sample(range(len(NUMBERS)), 2)
-    op = rng.choice(OPS)
-    right, wrong = (max(a, b), min(a, b)) if op == "larger" else (min(a, b), max(a, b))
-    prompt = rng.choice(QUESTIONS).format(op=op, a=a, b=b)
-    return {"prompt": prompt, "chosen": f"the answer is {right}", "rejected": f"the answer is {wrong}"}
+    a, b = rng.sample(NUMBERS, 2)
+    big, small = (a, b) if int(a) > int(b) else (b, a)
+    prompt = rng.choice(QUESTIONS).format(a=a, b=b)
+    return {"prompt": prompt, "chosen": f"the answer is {big}", "rejected": f"the answer is {small}"}
 
 
 def _vocabulary() -> list[str]:
     """Every token any asset uses, in a fixed order: specials, role words, then the rest sorted."""
-    texts = GREETINGS + [t for style in (POLITE, RUDE) for t in style[0] + style[1]] + QUESTIONS + ["the answer is"]
-    words = {w for t in texts for w in t.format(name="", op="", a="", b="").split()} | set(NAMES) | set(NUMBERS) | set(OPS)
+    texts = GREETINGS + QUESTIONS + ["the answer is"] + [t for s in (POLITE, RUDE) for t in s[0] + s[1]]
+    words = {w for t in texts for w in t.split() if "{" not in w} | set(NAMES) | set(NUMBERS)
     fixed = SPECIAL_TOKENS + ROLE_WORDS
     return fixed + sorted(words - set(fixed))
 
@@ -133,6 +138,7 @@ def _build_tokenizer(model_dir: Path):
 def _build_model(model_dir: Path, tokenizer) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -151,23 +157,26 @@ def _build_model(model_dir: Path, tokenizer) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config)
-    model.save_pretrained(model_dir, safe_serialization=True)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for a 0.4 MB file
+    try:
+        model.save_pretrained(model_dir, safe_serialization=True)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _build_data(data_dir: Path) -> dict[str, Path]:
+def _build_data(sources: dict[str, Path]) -> None:
     makers = {"easy": _easy_pair, "hard": _hard_pair}
-    paths = {}
-    for i, (name, make) in enumerate(makers.items()):
+    for i, (name, path) in enumerate(sources.items()):
         rng = random.Random(SEED + i)  # one stream per source: resizing one leaves the other as is
-        paths[name] = data_dir / f"{name}.jsonl"
-        _write_jsonl(paths[name], [make(rng) for _ in range(N_PAIRS[name])])
-    return paths
+        _write_jsonl(path, [makers[name](rng) for _ in range(N_PAIRS[name])])
 
 
 def _assets(cache_dir: Path) -> QuickstartAssets:
@@ -180,6 +189,22 @@ def _is_complete(cache_dir: Path) -> bool:
     return marker.is_file() and marker.read_text(encoding="utf-8").strip() == ASSETS_VERSION
 
 
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """Serialise builders of one cache (several workers on a node may ask for it at once)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the marker still guards against half-built caches
+        yield
+        return
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build_quickstart_assets(cache_dir: str | os.PathLike, *, force: bool = False) -> QuickstartAssets:
     """Build the quickstart model, tokenizer and data under ``cache_dir`` (or reuse a complete build).
 
@@ -190,13 +215,17 @@ def build_quickstart_assets(cache_dir: str | os.PathLike, *, force: bool = False
     assets = _assets(cache_dir)
     if _is_complete(cache_dir) and not force:
         return assets
-    # Invalidate first: a crash from here on leaves a cache that is rebuilt on the next call.
-    (cache_dir / "ASSETS_VERSION").unlink(missing_ok=True)
-    for sub in (assets.model_dir, cache_dir / "data"):
-        shutil.rmtree(sub, ignore_errors=True)
-        sub.mkdir(parents=True)
-    tokenizer = _build_tokenizer(assets.model_dir)
-    _build_model(assets.model_dir, tokenizer)
-    _build_data(cache_dir / "data")
-    (cache_dir / "ASSETS_VERSION").write_text(ASSETS_VERSION + "\n", encoding="utf-8")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(cache_dir / ".lock"):
+        if _is_complete(cache_dir) and not force:  # another process finished it while we waited
+            return assets
+        # Invalidate first: a crash from here on leaves a cache that is rebuilt on the next call.
+        (cache_dir / "ASSETS_VERSION").unlink(missing_ok=True)
+        for sub in (assets.model_dir, cache_dir / "data"):
+            shutil.rmtree(sub, ignore_errors=True)
+            sub.mkdir(parents=True)
+        tokenizer = _build_tokenizer(assets.model_dir)
+        _build_model(assets.model_dir, tokenizer)
+        _build_data(assets.sources)
+        (cache_dir / "ASSETS_VERSION").write_text(ASSETS_VERSION + "\n", encoding="utf-8")
     return assets

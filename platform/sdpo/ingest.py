@@ -69,7 +69,8 @@ class PreferenceFiles(FileBasedDatasource):
         import pyarrow.parquet as pq
 
         line = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=_ROWS_PER_BLOCK):
+        # Ray hands us a forward-only stream; Parquet needs random access (footer first).
+        for batch in pq.ParquetFile(pa.BufferReader(f.readall())).iter_batches(batch_size=_ROWS_PER_BLOCK):
             rows = batch.to_pylist()
             raws = [json.dumps(r, ensure_ascii=False, default=str) for r in rows]
             yield _block(self._source, path, list(range(line + 1, line + 1 + len(rows))), raws)
@@ -116,6 +117,23 @@ class TokenizerSettings:
     eos_id: int
     seed: int  # partition seed: the hash keys depend on it
     eval_seed: int
+    roots: dict[str, str]  # source -> common folder of its files; a row's identity is its path below it
+
+
+def file_identity(path: str, root: str) -> str:
+    """A file's name relative to its source's common folder: unique within the source, and the same
+    whether the files sit on a laptop or in a bucket (so the split does not depend on where they are)."""
+    rel = path[len(root):].lstrip("/") if root and path.startswith(root) else path
+    return rel or os.path.basename(path)
+
+
+def source_roots(files: dict[str, list[str]]) -> dict[str, str]:
+    roots = {}
+    for name, paths in files.items():
+        dirs = {p.rsplit("/", 1)[0] if "/" in p else "" for p in paths}
+        root = os.path.commonprefix(sorted(dirs))
+        roots[name] = root if root in dirs or root.endswith("/") else root.rsplit("/", 1)[0]
+    return roots
 
 
 @functools.lru_cache(maxsize=4)
@@ -134,7 +152,7 @@ def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
                             "eval_key", "split_key", "num_tokens")}
     for src, path, line, raw in zip(*(batch.column(c).to_pylist() for c in ("source", "file", "line", "raw")),
                                     strict=True):
-        name = os.path.basename(path)
+        name = file_identity(path, settings.roots[src])
         eval_key = row_keys(src, name, line, settings.eval_seed)[0]
         split_key = row_keys(src, name, line, settings.seed)[1]
         try:

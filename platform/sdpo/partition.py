@@ -51,6 +51,69 @@ def split_sizes(n: int, proportions: Sequence[float]) -> list[int]:
     return sizes
 
 
+def stratified_sizes(source_sizes: Sequence[int], part_sizes: Sequence[int]) -> list[list[int]]:
+    """Rows of each source in each part: row sums = source sizes, column sums = part sizes, exactly,
+    and every cell the floor or the ceiling of n_s * S_j / N (a controlled rounding).
+
+    Floors first; the leftover rows go to cells with a fractional remainder, largest first, and where
+    that greedy pass gets stuck an alternating path moves earlier choices (bipartite flow with
+    capacity 1 per cell, which always has a solution for integer margins).
+    """
+    n = sum(source_sizes)
+    if n != sum(part_sizes):
+        raise ValueError(f"source sizes {list(source_sizes)} and part sizes {list(part_sizes)} differ in total")
+    rows, cols = range(len(source_sizes)), range(len(part_sizes))
+    exact = [[ns * sj / n if n else 0.0 for sj in part_sizes] for ns in source_sizes]
+    cells = [[int(x) for x in row] for row in exact]
+    open_ = {(s, j) for s in rows for j in cols if exact[s][j] > cells[s][j]}  # may take one more row
+    taken: set[tuple[int, int]] = set()
+    row_left = [ns - sum(cells[s]) for s, ns in zip(rows, source_sizes, strict=True)]
+    col_left = [sj - sum(cells[s][j] for s in rows) for j, sj in zip(cols, part_sizes, strict=True)]
+    for _, s, j in sorted((exact[s][j] - cells[s][j], s, j) for s, j in open_):
+        if row_left[s] > 0 and col_left[j] > 0:
+            taken.add((s, j))
+            row_left[s] -= 1
+            col_left[j] -= 1
+    for s in rows:
+        while row_left[s] > 0:
+            path = _augmenting_path(s, open_, taken, col_left, len(part_sizes))
+            if path is None:  # cannot happen for consistent margins; keep totals exact regardless
+                raise ValueError(f"no controlled rounding for {list(source_sizes)} x {list(part_sizes)}")
+            for a, j, b in path:  # row a takes column j from row b (b is None at the path's free end)
+                taken.add((a, j))
+                if b is None:
+                    col_left[j] -= 1
+                else:
+                    taken.discard((b, j))
+            row_left[s] -= 1
+    for s, j in taken:
+        cells[s][j] += 1
+    return cells
+
+
+def _augmenting_path(start, open_, taken, col_left, n_cols):
+    """Breadth-first alternating path from row `start` to a column with room left."""
+    parent: dict[int, tuple[int, int] | None] = {start: None}  # row -> (previous row, column)
+    queue = [start]
+    for a in queue:
+        for j in range(n_cols):
+            if (a, j) not in open_ or (a, j) in taken:
+                continue
+            if col_left[j] > 0:
+                path, row, b = [], a, None
+                path.append((a, j, None))
+                while parent[row] is not None:
+                    prev, col = parent[row]
+                    path.append((prev, col, row))
+                    row = prev
+                return path
+            for b in {r for r, c in taken if c == j}:
+                if b not in parent:
+                    parent[b] = (a, j)
+                    queue.append(b)
+    return None
+
+
 def cutoffs(keys: np.ndarray, sizes: Sequence[int]) -> list[int]:
     """Cut-offs c_1..c_{k-1} such that part j = {keys in [c_j, c_{j+1})} has exactly sizes[j] rows."""
     n = len(keys)
@@ -143,9 +206,10 @@ def plan_partitions(
         sizes = split_sizes(len(pooled), props)
         cuts = {"*": cutoffs(pooled, sizes)}
     elif strategy == "stratified":
-        per_source = {s: split_sizes(len(k), props) for s, k in train_keys.items()}
-        cuts = {s: cutoffs(train_keys[s], per_source[s]) for s in train_keys}
-        sizes = [sum(sz[j] for sz in per_source.values()) for j in range(len(props))]
+        # Part sizes as a random split of the pool would have them (exact), each source spread evenly.
+        sizes = split_sizes(sum(len(k) for k in train_keys.values()), props)
+        table = stratified_sizes([len(k) for k in train_keys.values()], sizes)
+        cuts = {s: cutoffs(train_keys[s], row) for s, row in zip(train_keys, table, strict=True)}
     else:
         raise ValueError(f"unknown split strategy {strategy!r}; use natural, random or stratified")
     return PartitionSpec(strategy, names, sizes, eval_cut, eval_sizes, split_cuts=cuts)

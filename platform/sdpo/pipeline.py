@@ -179,7 +179,7 @@ def prepare_run(job: JobConfig, out: Path, *, address: str | None, log: Callable
     settings = ingest.TokenizerSettings(
         path=job.model.tokenizer_path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code,
         max_length=job.data.max_length, max_prompt_length=job.data.max_prompt_length, eos_id=tok.eos_token_id,
-        seed=job.partitioning.seed, eval_seed=job.data.eval.seed,
+        seed=job.partitioning.seed, eval_seed=job.data.eval.seed, roots=ingest.source_roots(files),
     )
     log(f"reading {sum(len(f) for f in files.values())} file(s) from {len(files)} source(s)")
     report, keys = ingest.prepare(job.data.sources, files, data_dir, settings, str(out / REJECTED))

@@ -24,10 +24,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-# "{role}: {content}" per line and "assistant: " as the generation prompt. Every completion then
-# starts right after "assistant: " and ends with a newline, before the EOS token the tokeniser adds.
+# BOS, then "{role}: {content}" per line and "assistant: " as the generation prompt. Every completion
+# then starts right after "assistant: " and ends with a newline, before the EOS token we append.
 FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{{ bos_token or '' }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 

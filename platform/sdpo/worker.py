@@ -31,6 +31,7 @@ from sdpo.training import (
     build_optimizer,
     eval_report,
     eval_sums,
+    fingerprint,
     freeze,
     lr_multiplier,
     means_from_sums,
@@ -105,6 +106,7 @@ def stage_loop(cfg: dict) -> None:
 
     policy = load_model(cfg["init"], cfg, device)
     reference = freeze(load_model(cfg["reference"], cfg, device))
+    reference_digest = fingerprint(reference)
     eval_before = _evaluate(policy, reference, loss, cfg, device, bf16, world)
     policy.train()
     model = ray.train.torch.prepare_model(policy) if world > 1 else policy
@@ -139,6 +141,9 @@ def stage_loop(cfg: dict) -> None:
 
     eval_after = _evaluate(policy, reference, loss, cfg, device, bf16, world)
     summary = _stage_summary(log, eval_before, eval_after, state["step"], time.perf_counter() - state["t0"])
+    summary["reference_fingerprint"] = reference_digest
+    summary["reference_unchanged"] = fingerprint(reference) == reference_digest
+    summary["pairs_trained"] = state["pairs"]
     _report(policy, cfg, log, summary, rank)
 
 

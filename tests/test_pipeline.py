@@ -1,0 +1,181 @@
+"""The sDPO pipeline on a real local Ray cluster, a real model and the shared real data."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sdpo.config import ConfigError, parse_job
+from sdpo.pipeline import run
+from sdpo.training import fingerprint
+
+from .conftest import ORCA, STORIES, ULTRAFEEDBACK
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def job(tmp_path, **over):
+    raw = {
+        "name": "it",
+        "model": {"path": str(STORIES)},
+        "data": {
+            "sources": [
+                {"name": "orca", "path": str(ORCA), "max_rows": 43},
+                {"name": "ultrafeedback", "path": str(ULTRAFEEDBACK), "max_rows": 41},
+            ],
+            "max_length": 96, "max_prompt_length": 48, "eval": {"fraction": 0.1},
+        },
+        "training": {"learning_rate": 1e-3, "batch_size": 4, "logging_steps": 100},
+        "scaling": {"num_workers": 2},
+        "output_dir": str(tmp_path / "out"),
+    }
+    raw.update(over)
+    return parse_job(raw)
+
+
+def weights(model_dir):
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def two_stage(ray_session, tmp_path_factory, shared):
+    tmp = tmp_path_factory.mktemp("two_stage")
+    summary = run(job(tmp), log=lambda s: None)
+    return tmp / "out", summary
+
+
+def test_stage_chain(two_stage):
+    """Stage 1's reference and init are the base model; stage 2's are stage 1's model."""
+    out, summary = two_stage
+    s1, s2 = summary["stages"]
+    assert (s1["partition"], s2["partition"]) == ("orca", "ultrafeedback")
+    assert s1["reference"] == s1["init"] == str(STORIES)
+    assert s2["reference"] == s2["init"] == s1["model"]
+    assert summary["final_model"] == s2["model"] == str((out / "stages" / "2" / "model").resolve())
+    # the reference stage 2 actually trained against is bit-identical to stage 1's saved model
+    stage1 = AutoModelForCausalLM.from_pretrained(s1["model"])
+    assert s2["metrics"]["reference_fingerprint"] == fingerprint(stage1)
+    base = AutoModelForCausalLM.from_pretrained(str(STORIES))
+    assert s1["metrics"]["reference_fingerprint"] == fingerprint(base)
+
+
+def test_parameters_change_and_references_stay_frozen(two_stage):
+    out, summary = two_stage
+    base = weights(STORIES)
+    m1, m2 = weights(out / "stages" / "1" / "model"), weights(out / "stages" / "2" / "model")
+    for name in base:
+        assert not torch.equal(base[name], m1[name]), f"stage 1 left {name} unchanged"
+        assert not torch.equal(m1[name], m2[name]), f"stage 2 left {name} unchanged"
+    assert all(s["metrics"]["reference_unchanged"] for s in summary["stages"])
+
+
+def test_init_previous_starts_at_ln2_and_metrics_are_finite(two_stage):
+    _, summary = two_stage
+    for s in summary["stages"]:
+        m = s["metrics"]
+        assert m["first_step_loss"] == pytest.approx(math.log(2), abs=1e-4)
+        for key in ("train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen",
+                    "pairs_per_s", "tokens_per_s", "eval/ranking_accuracy", "eval/loss"):
+            assert math.isfinite(m[key]), key
+
+
+def test_every_pair_is_trained_exactly_once(two_stage):
+    """Odd partition sizes over 2 workers: padding rows weigh 0, no pair is dropped or doubled."""
+    out, summary = two_stage
+    parts = summary["data"]["partitions"]
+    assert parts["orca"] % 2 == 1 or parts["ultrafeedback"] % 2 == 1, "choose max_rows to get an odd size"
+    for s in summary["stages"]:
+        log = [json.loads(x) for x in (out / "stages" / str(s["index"]) / "trainer_log.jsonl").read_text().splitlines()]
+        assert sum(e["pairs"] for e in log) == s["num_pairs"] == parts[s["partition"]]
+        assert s["metrics"]["pairs_trained"] == s["num_pairs"]
+    d = summary["data"]
+    assert sum(d["rows"].values()) == sum(d["valid"].values()) + d["rejected"]
+    assert sum(d["valid"].values()) == sum(parts.values()) + sum(d["eval"].values()) + sum(d["unused"].values())
+
+
+def test_final_model_loads_with_transformers(two_stage):
+    out, summary = two_stage
+    model = AutoModelForCausalLM.from_pretrained(summary["final_model"])
+    tok = AutoTokenizer.from_pretrained(summary["final_model"])
+    ids = tok("Once upon a time", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["final_model"] == summary["final_model"] and len(saved["stages"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad rows: quarantined with a reason, counted; too many stop the run before training
+# --------------------------------------------------------------------------------------------------
+GOOD = {"prompt": "Tell me a story.", "chosen": "Once upon a time there was a cat.", "rejected": "No."}
+BAD = [
+    ('{"prompt": "x", "chosen": "a"', "invalid JSON"),
+    (json.dumps({"prompt": "x", "chosen": "a"}), "missing field 'rejected'"),
+    (json.dumps({"prompt": "", "chosen": "a", "rejected": "b"}), "field 'prompt' is empty"),
+    (json.dumps({"prompt": "x", "chosen": 3, "rejected": "b"}), "must be a string or a list of messages"),
+    (json.dumps({"prompt": "x", "chosen": "same", "rejected": "same"}), "chosen and rejected are identical"),
+    (json.dumps({"prompt": "x", "chosen": "a " * 200 + "yes", "rejected": "a " * 200 + "no"}),
+     "identical after truncation"),
+]
+
+
+def write_bad_source(path, n_good):
+    lines = [json.dumps(GOOD | {"chosen": f"Once upon a time there were {i} cats."}) for i in range(n_good)]
+    for i, (row, _) in enumerate(BAD):
+        lines.insert(3 * i + 1, row)
+    path.write_text("\n".join(lines) + "\n")
+    return {i + 1: reason for i, line in enumerate(lines) for row, reason in BAD if line == row}
+
+
+def bad_job(tmp_path, src, **data):
+    return job(tmp_path, data={"sources": [{"name": "mixed", "path": str(src)}], "max_length": 64,
+                               "max_prompt_length": 16, "eval": {"fraction": 0.0}} | data)
+
+
+def test_bad_rows_are_quarantined_with_reason_and_line(ray_session, tmp_path, shared):
+    src = tmp_path / "mixed.jsonl"
+    expected = write_bad_source(src, n_good=60)
+    summary = run(bad_job(tmp_path, src, max_rejected_fraction=0.5), plan_only=True, log=lambda s: None)
+    rejected = [json.loads(x) for x in (tmp_path / "out" / "rejected_rows.jsonl").read_text().splitlines()]
+    assert summary["rejected_rows"] == len(rejected) == len(BAD)
+    got = {r["line"]: r["reason"] for r in rejected}
+    assert set(got) == set(expected)
+    for line, reason in expected.items():
+        assert reason in got[line], (line, got[line])
+    assert all(r["source"] == "mixed" and r["file"].endswith("mixed.jsonl") and r["raw"] for r in rejected)
+    assert summary["data"]["valid"]["mixed"] == 60
+    assert summary["data"]["partitions"]["mixed"] == 60
+
+
+def test_too_many_bad_rows_stop_before_training(ray_session, tmp_path, shared):
+    src = tmp_path / "mixed.jsonl"
+    write_bad_source(src, n_good=10)
+    with pytest.raises(ConfigError, match=r"6 of 16 rows .* quarantined.*max_rejected_fraction") as err:
+        run(bad_job(tmp_path, src, max_rejected_fraction=0.1), log=lambda s: None)
+    assert "rejected_rows.jsonl" in str(err.value)
+    assert not (tmp_path / "out" / "stages").exists()
+
+
+def test_parquet_and_json_array_sources(ray_session, tmp_path, shared):
+    """Other file formats give the same rows, with their row number as the line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [GOOD | {"chosen": f"Once upon a time {i} dogs played."} for i in range(12)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    (tmp_path / "b.json").write_text(json.dumps(rows[:5] + [{"prompt": "x"}]))
+    spec = {"sources": [{"name": "pq", "path": str(tmp_path / "a.parquet")},
+                        {"name": "arr", "path": str(tmp_path / "b.json")}],
+            "max_length": 64, "max_prompt_length": 16, "eval": {"fraction": 0.0}, "max_rejected_fraction": 0.2}
+    summary = run(job(tmp_path, data=spec), plan_only=True, log=lambda s: None)
+    assert summary["data"]["valid"] == {"pq": 12, "arr": 5}
+    (bad,) = [json.loads(x) for x in (tmp_path / "out" / "rejected_rows.jsonl").read_text().splitlines()]
+    assert (bad["source"], bad["line"]) == ("arr", 6) and "missing field 'chosen'" in bad["reason"]
+
+
+def test_glob_matching_nothing_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.sources\[orca\].path: .* matches no file"):
+        run(job(tmp_path, data={"sources": [{"name": "orca", "path": str(tmp_path / "nope*.jsonl")}]}),
+            log=lambda s: None)

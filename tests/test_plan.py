@@ -1,0 +1,198 @@
+"""Planning before compute: the stage chain (plan_stages) and the Ray resources (plan_resources)."""
+
+import copy
+import itertools
+import math
+
+import pytest
+
+from sdpo.config import parse_job
+from sdpo.plan import BASE, PlanError, format_plan, plan_resources, plan_stages, steps_per_epoch
+
+MINIMAL = {
+    "model": {"path": "m"},
+    "data": {"sources": [{"name": "a", "path": "a.jsonl"}, {"name": "b", "path": "b.jsonl"},
+                         {"name": "c", "path": "c.jsonl"}]},
+}
+NAMES, SIZES = ["a", "b", "c"], [120, 80, 37]
+
+
+def job(**sections):
+    raw = copy.deepcopy(MINIMAL)
+    raw.update(sections)
+    return parse_job(raw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage chain
+# --------------------------------------------------------------------------------------------------
+def test_stage_chain_references_and_inits():
+    """sDPO: stage 1 starts from and is judged against the base model; stage t against M_{t-1}."""
+    stages = plan_stages(job(), NAMES, SIZES)
+    assert [s.index for s in stages] == [1, 2, 3]
+    assert [s.partition for s in stages] == NAMES
+    assert [s.num_pairs for s in stages] == SIZES
+    assert [s.reference for s in stages] == [BASE, "stage 1", "stage 2"]
+    assert [s.init for s in stages] == [BASE, "stage 1", "stage 2"]
+    assert BASE == "base"
+
+
+def test_init_base_keeps_base_for_every_stage():
+    """init: base (ablation) changes the init only; the reference chain is still the previous stage."""
+    stages = plan_stages(job(init="base"), NAMES, SIZES)
+    assert [s.init for s in stages] == [BASE] * 3
+    assert [s.reference for s in stages] == [BASE, "stage 1", "stage 2"]
+
+
+def test_stages_inherit_job_values_without_overrides():
+    j = job(loss={"beta": 0.3}, training={"learning_rate": 2e-6, "epochs": 4})
+    for s in plan_stages(j, NAMES, SIZES):
+        assert (s.beta, s.learning_rate, s.epochs) == (0.3, 2e-6, 4)
+
+
+def test_per_stage_overrides_apply_to_their_stage_only():
+    j = job(
+        loss={"beta": 0.3}, training={"learning_rate": 2e-6, "epochs": 4},
+        stages=[{"beta": 0.05}, {}, {"learning_rate": 1e-7, "epochs": 2}],
+    )
+    s1, s2, s3 = plan_stages(j, NAMES, SIZES)
+    assert (s1.beta, s1.learning_rate, s1.epochs) == (0.05, 2e-6, 4)
+    assert (s2.beta, s2.learning_rate, s2.epochs) == (0.3, 2e-6, 4)
+    assert (s3.beta, s3.learning_rate, s3.epochs) == (0.3, 1e-7, 2)
+    assert s3.total_steps == 2 * s3.steps_per_epoch
+    assert s1.to_dict()["total_steps"] == 4 * s1.steps_per_epoch
+
+
+@pytest.mark.parametrize("entries", [1, 2, 4])
+def test_wrong_number_of_overrides(entries):
+    j = job(stages=[{}] * entries)
+    with pytest.raises(PlanError) as info:
+        plan_stages(j, NAMES, SIZES)
+    assert f"{entries} override entries for 3 partitions" in str(info.value)
+    assert "one entry per stage" in str(info.value)
+
+
+def test_empty_partition_is_refused():
+    with pytest.raises(PlanError) as info:
+        plan_stages(job(), NAMES, [120, 0, 37])
+    assert "partition 'b' (stage 2) has no training pairs" in str(info.value)
+
+
+@pytest.mark.parametrize("pairs, workers, batch, accum, expected", [
+    (37, 2, 4, 2, 3),  # ceil(37/2)=19 rows/worker, ceil(19/4)=5 micro-steps, ceil(5/2)=3 steps
+    (32, 2, 4, 2, 2),  # 16 rows/worker, 4 micro-steps, 2 steps
+    (33, 2, 4, 2, 3),  # 17 rows/worker, 5 micro-steps, 3 steps
+    (1, 8, 8, 4, 1),  # a single pair still makes one step
+    (100, 1, 8, 1, 13),
+    (1000, 4, 16, 1, 16),  # 250 rows/worker, ceil(250/16)=16
+])
+def test_steps_per_epoch_arithmetic(pairs, workers, batch, accum, expected):
+    assert steps_per_epoch(pairs, workers, batch, accum) == expected
+
+
+def test_plan_stages_uses_scaling_and_training_for_steps():
+    j = job(scaling={"num_workers": 2}, training={"batch_size": 4, "gradient_accumulation_steps": 2})
+    stages = plan_stages(j, ["x"], [37])
+    assert stages[0].steps_per_epoch == 3
+
+
+def test_run_names_deterministic_distinct_and_config_dependent():
+    a = [s.run_name for s in plan_stages(job(), NAMES, SIZES)]
+    b = [s.run_name for s in plan_stages(job(), NAMES, SIZES)]
+    assert a == b
+    assert len(set(a)) == 3
+    assert all(name.startswith(f"sdpo-stage{i}-") for i, name in enumerate(a, start=1))
+    changed = [s.run_name for s in plan_stages(job(loss={"beta": 0.2}), NAMES, SIZES)]
+    assert set(changed).isdisjoint(a)
+    renamed = [s.run_name for s in plan_stages(job(name="exp1"), NAMES, SIZES)]
+    assert all(name.startswith("exp1-stage") for name in renamed)
+
+
+def test_format_plan_lists_every_stage():
+    stages = plan_stages(job(stages=[{"beta": 0.05}, {}, {}]), NAMES, SIZES)
+    text = format_plan(stages, eval_pairs=42)
+    lines = text.splitlines()
+    assert len(lines) == 1 + 3 + 1
+    assert lines[1].split()[:4] == ["1", "a", "120", "base"]
+    assert "stage 2" in lines[3]
+    assert lines[-1] == "held-out pairs: 42"
+
+
+# --------------------------------------------------------------------------------------------------
+# Resources
+# --------------------------------------------------------------------------------------------------
+def test_cpu_share_split_among_workers():
+    """2 CPUs, 1 kept for Ray Data, 2 workers -> half a CPU each."""
+    plan = plan_resources({"CPU": 2}, num_workers=2, use_gpu=False, data_cpus=1)
+    assert plan.per_worker == {"CPU": 0.5}
+    assert plan.torch_threads == 1
+    assert plan.data_cpus == 1
+
+
+def test_cpu_share_capped_at_one():
+    """4 CPUs, 1 for Ray Data, 2 workers -> 1.5 available each, capped at 1."""
+    plan = plan_resources({"CPU": 4}, num_workers=2, use_gpu=False, data_cpus=1)
+    assert plan.per_worker == {"CPU": 1.0}
+
+
+def test_gpu_default_is_one_gpu_one_cpu_per_worker():
+    plan = plan_resources({"CPU": 8, "GPU": 4}, num_workers=4, use_gpu=True, data_cpus=1)
+    assert plan.per_worker == {"CPU": 1.0, "GPU": 1.0}
+
+
+def test_explicit_resources_are_kept_and_get_a_gpu_when_asked():
+    plan = plan_resources({"CPU": 16, "GPU": 2}, num_workers=2, use_gpu=True, data_cpus=2,
+                          resources_per_worker={"CPU": 4})
+    assert plan.per_worker == {"CPU": 4, "GPU": 1.0}
+    assert plan.torch_threads == 4
+    plan = plan_resources({"CPU": 16}, num_workers=2, use_gpu=False, data_cpus=2,
+                          resources_per_worker={"CPU": 3})
+    assert plan.per_worker == {"CPU": 3}
+
+
+def test_default_cpu_plan_never_takes_the_data_reserve():
+    """Over a grid of clusters: whenever a CPU plan is returned, workers + Ray Data fit in the cluster
+    and each worker gets min(1, its share); the plan is refused (PlanError) only when nothing is left."""
+    grid = itertools.product([0, 0.5, 1, 1.5, 2, 3, 4, 7, 16, 64], [1, 2, 3, 5, 8, 32], [0, 0.5, 1, 2, 4])
+    planned = refused = 0
+    for cpus, workers, data_cpus in grid:
+        case = f"cpus={cpus} workers={workers} data_cpus={data_cpus}"
+        try:
+            plan = plan_resources({"CPU": cpus}, num_workers=workers, use_gpu=False, data_cpus=data_cpus)
+        except PlanError as err:
+            assert cpus <= data_cpus, case
+            assert "scaling.data_cpus" in str(err), case
+            refused += 1
+            continue
+        per = plan.per_worker["CPU"]
+        assert 0 < per <= 1, case
+        assert per * workers + data_cpus <= cpus + 1e-9, case
+        assert per == pytest.approx(min(1.0, (cpus - data_cpus) / workers)), case
+        planned += 1
+    assert planned > 100 and refused > 10  # the grid exercises both outcomes
+
+
+@pytest.mark.parametrize("cluster, kwargs, keys", [
+    ({"CPU": 8, "GPU": 1}, dict(num_workers=2, use_gpu=True), ["scaling.num_workers", "scaling.use_gpu"]),
+    ({"CPU": 8}, dict(num_workers=1, use_gpu=True), ["scaling.num_workers", "scaling.use_gpu"]),
+    ({"CPU": 8, "GPU": 2}, dict(num_workers=2, use_gpu=True, resources_per_worker={"GPU": 2}),
+     ["scaling.num_workers"]),
+    ({"CPU": 4}, dict(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 2}),
+     ["scaling.resources_per_worker.CPU"]),
+    ({"CPU": 2, "GPU": 2}, dict(num_workers=2, use_gpu=True), ["scaling.resources_per_worker.CPU"]),
+    ({"CPU": 1}, dict(num_workers=1, use_gpu=False), ["scaling.data_cpus", "scaling.num_workers"]),
+    ({}, dict(num_workers=1, use_gpu=False, data_cpus=0), ["scaling.data_cpus"]),
+])
+def test_infeasible_requests_name_the_key_to_change(cluster, kwargs, keys):
+    kwargs.setdefault("data_cpus", 1)
+    with pytest.raises(PlanError) as info:
+        plan_resources(cluster, **kwargs)
+    for key in keys:
+        assert key in str(info.value)
+
+
+def test_explicit_request_that_just_fits_is_accepted():
+    plan = plan_resources({"CPU": 5}, num_workers=2, use_gpu=False, data_cpus=1,
+                          resources_per_worker={"CPU": 2})
+    assert plan.per_worker["CPU"] * 2 + plan.data_cpus == 5
+    assert math.isclose(plan.per_worker["CPU"], 2)

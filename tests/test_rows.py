@@ -1,0 +1,269 @@
+"""Preference rows: every bad row is a RowError with its reason; good rows tokenise as documented."""
+
+import copy
+import json
+import math
+
+import pytest
+
+from sdpo.rows import (
+    FALLBACK_CHAT_TEMPLATE,
+    RenderedPair,
+    RowError,
+    parse_record,
+    prepare_record,
+    render_pair,
+    tokenize_pair,
+    validate_pair,
+    validate_scores,
+)
+
+MODEL = "/work/shared/models/stories260K"  # a real Llama tokenizer, without a chat template
+
+STANDARD = {"prompt": "Tell me a story.", "chosen": "Once upon a time there was a cat.", "rejected": "No."}
+CONVO = {
+    "prompt": [{"role": "user", "content": "Tell me a story."}],
+    "chosen": [{"role": "assistant", "content": "Once upon a time there was a cat."}],
+    "rejected": [{"role": "assistant", "content": "No."}],
+}
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    assert not tok.chat_template  # the fallback template is what these tests exercise
+    return tok
+
+
+@pytest.fixture
+def tok(base_tokenizer):
+    """A fresh copy per test: render_pair installs the fallback template on the tokenizer it is given."""
+    return copy.deepcopy(base_tokenizer)
+
+
+def ids(tok, text, special=False):
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def prepare(raw, tok, max_length=128, max_prompt_length=64):
+    return prepare_record(raw, tok, max_length=max_length, max_prompt_length=max_prompt_length,
+                          eos_id=tok.eos_token_id)
+
+
+def with_(base, **fields):
+    row = copy.deepcopy(base)
+    row.update(fields)
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad rows
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, reason", [
+    ('{"prompt": "p", "chosen": ', "invalid JSON"),
+    ("not json at all", "invalid JSON"),
+    (b"\xff\xfe{", "invalid JSON"),
+    ('["p", "c", "r"]', "must be a JSON object, got list"),
+    ('"just a string"', "must be a JSON object, got str"),
+    ("42", "must be a JSON object, got int"),
+])
+def test_unparseable_rows(raw, reason):
+    with pytest.raises(RowError, match=reason):
+        parse_record(raw)
+
+
+def test_parse_record_accepts_json_and_dicts():
+    assert parse_record(json.dumps(STANDARD)) == STANDARD
+    assert parse_record(json.dumps(STANDARD).encode()) == STANDARD
+    assert parse_record(STANDARD) is STANDARD
+
+
+M = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"chosen": "c", "rejected": "r"}, "missing field 'prompt'"),
+    ({"prompt": "p", "rejected": "r"}, "missing field 'chosen'"),
+    ({"prompt": "p", "chosen": "c", "rejected": None}, "missing field 'rejected'"),
+    (with_(STANDARD, chosen=""), "field 'chosen' is empty"),
+    (with_(STANDARD, prompt="  \n\t"), "field 'prompt' is empty"),
+    (with_(STANDARD, rejected=3), "field 'rejected' must be a string or a list of messages, got int"),
+    (with_(STANDARD, prompt={"text": "p"}), "field 'prompt' must be a string or a list of messages, got dict"),
+    (with_(CONVO, chosen=[]), "field 'chosen' is an empty list of messages"),
+    (with_(CONVO, chosen=[{"role": "assistant"}]), "field 'chosen' message 0 is not a {role, content} object"),
+    (with_(CONVO, prompt=M + [{"content": "x"}]), "field 'prompt' message 1 is not a {role, content} object"),
+    (with_(CONVO, prompt=["hi"]), "field 'prompt' message 0 is not a {role, content} object"),
+    (with_(CONVO, rejected=[{"role": "assistant", "content": 5}]), "message 0 has a non-string role or content"),
+    (with_(CONVO, rejected=[{"role": "assistant", "content": " "}]), "field 'rejected' message 0 has empty content"),
+    (with_(CONVO, prompt="Tell me a story."), "fields mix plain strings and message lists"),
+    (with_(STANDARD, rejected=[{"role": "assistant", "content": "No."}]), "fields mix plain strings"),
+    (with_(STANDARD, rejected=STANDARD["chosen"]), "chosen and rejected are identical"),
+    (with_(CONVO, rejected=CONVO["chosen"]), "chosen and rejected are identical"),
+])
+def test_invalid_pairs(row, reason):
+    with pytest.raises(RowError) as info:
+        validate_pair(row)
+    assert reason in str(info.value)
+
+
+def test_valid_pairs_report_their_format():
+    assert validate_pair(STANDARD) == "standard"
+    assert validate_pair(CONVO) == "conversational"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("score_chosen", math.nan), ("score_chosen", math.inf), ("score_rejected", -math.inf),
+    ("score_chosen", "0.5"), ("score_rejected", True), ("score_chosen", [1.0]),
+])
+def test_scores_must_be_finite_numbers(field, value):
+    with pytest.raises(RowError, match=f"field '{field}' must be a finite number"):
+        validate_scores(with_(STANDARD, **{field: value}))
+
+
+def test_finite_or_absent_scores_are_fine():
+    validate_scores(with_(STANDARD, score_chosen=9, score_rejected=-1.5))
+    validate_scores(with_(STANDARD, score_chosen=None))
+    validate_scores(STANDARD)
+
+
+def test_prepare_record_surfaces_every_check(tok):
+    """The one entry point of the ingest pass raises the parse, field and score errors."""
+    with pytest.raises(RowError, match="invalid JSON"):
+        prepare("{", tok)
+    with pytest.raises(RowError, match="missing field 'chosen'"):
+        prepare('{"prompt": "p", "rejected": "r"}', tok)
+    with pytest.raises(RowError, match="'score_chosen' must be a finite number"):
+        prepare(json.dumps(with_(STANDARD, score_chosen=math.nan)), tok)  # json writes NaN, reads it back
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering and tokenisation with a real tokenizer
+# --------------------------------------------------------------------------------------------------
+def test_standard_row_gets_bos_prompt_and_eos_completions(tok):
+    pair = prepare(json.dumps(STANDARD), tok)
+    eos, bos = tok.eos_token_id, tok.bos_token_id
+    assert pair.prompt_ids[0] == bos
+    assert pair.prompt_ids == ids(tok, STANDARD["prompt"], special=True)
+    assert pair.chosen_ids == ids(tok, STANDARD["chosen"]) + [eos]
+    assert pair.rejected_ids == ids(tok, STANDARD["rejected"]) + [eos]
+    assert bos not in pair.chosen_ids and bos not in pair.rejected_ids
+    assert tok.decode(pair.chosen_ids[:-1]) == STANDARD["chosen"]
+
+
+def test_conversational_row_uses_the_fallback_template(tok):
+    rendered = render_pair(CONVO, "conversational", tok)
+    assert tok.chat_template == FALLBACK_CHAT_TEMPLATE
+    assert rendered.templated
+    assert rendered.prompt == "<s>user: Tell me a story.\nassistant: "  # BOS, like standard prompts get
+    assert rendered.prompt.endswith("assistant: ")
+    assert rendered.chosen == "Once upon a time there was a cat.\n"
+    assert rendered.rejected == "No.\n"
+
+
+def test_conversational_row_tokens(tok):
+    """Templated text is tokenised without added special tokens; completions end in EOS."""
+    pair = prepare(CONVO, tok)
+    eos = tok.eos_token_id
+    assert pair.prompt_ids == ids(tok, "<s>user: Tell me a story.\nassistant: ")
+    assert pair.prompt_ids[0] == tok.bos_token_id and pair.prompt_ids.count(tok.bos_token_id) == 1
+    assert pair.chosen_ids == ids(tok, "Once upon a time there was a cat.\n") + [eos]
+    assert pair.rejected_ids == ids(tok, "No.\n") + [eos]
+    assert tok.decode(pair.chosen_ids[:-1]) == "Once upon a time there was a cat.\n"
+
+
+def test_multi_turn_prompt_keeps_history(tok):
+    row = with_(CONVO, prompt=[
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "A story?"},
+    ])
+    rendered = render_pair(row, "conversational", tok)
+    assert rendered.prompt == "<s>system: Be kind.\nuser: Hi\nassistant: Hello!\nuser: A story?\nassistant: "
+    assert rendered.chosen == "Once upon a time there was a cat.\n"
+
+
+def test_tokenizer_with_its_own_chat_template_is_used(tok):
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    mine = tok.chat_template
+    rendered = render_pair(CONVO, "conversational", tok)
+    assert tok.chat_template == mine  # not replaced by the fallback
+    assert rendered.prompt == "<|user|>Tell me a story.<|end|><|assistant|>"
+    assert rendered.chosen == "<|assistant|>Once upon a time there was a cat.<|end|>"[len("<|assistant|>"):]
+    assert rendered.rejected == "No.<|end|>"
+    pair = prepare(CONVO, tok)
+    assert pair.prompt_ids == ids(tok, rendered.prompt)
+    assert pair.chosen_ids == ids(tok, rendered.chosen) + [tok.eos_token_id]
+
+
+def test_template_whose_generation_prompt_is_not_a_prefix_is_refused(tok):
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT>{% endif %}"
+    )
+    with pytest.raises(RowError, match="does not render 'chosen' as a continuation of the prompt"):
+        prepare(CONVO, tok)
+
+
+def test_prompt_truncated_from_the_left(tok):
+    """A long prompt keeps its last max_prompt_length ids (the end, next to the answer)."""
+    prompt = " ".join(f"word{i}" for i in range(60))
+    full = ids(tok, prompt, special=True)
+    assert len(full) > 20
+    pair = prepare(with_(STANDARD, prompt=prompt), tok, max_length=200, max_prompt_length=20)
+    assert pair.prompt_ids == full[-20:]
+    assert pair.chosen_ids == ids(tok, STANDARD["chosen"]) + [tok.eos_token_id]  # room enough: untouched
+
+
+def test_completions_truncated_from_the_right_to_fit_max_length(tok):
+    chosen = "Once upon a time there was a cat who liked to sleep in the warm sun all day long."
+    rejected = "The dog ran far away into the woods and never came back to the little house again."
+    row = with_(STANDARD, chosen=chosen, rejected=rejected)
+    max_length, max_prompt_length = 24, 8
+    pair = prepare(row, tok, max_length=max_length, max_prompt_length=max_prompt_length)
+    prompt_full = ids(tok, STANDARD["prompt"], special=True)
+    assert pair.prompt_ids == prompt_full[-max_prompt_length:]
+    room = max_length - len(pair.prompt_ids)
+    for got, text in ((pair.chosen_ids, chosen), (pair.rejected_ids, rejected)):
+        assert len(pair.prompt_ids) + len(got) == max_length
+        assert got == (ids(tok, text) + [tok.eos_token_id])[:room]  # keeps the start
+        assert tok.eos_token_id not in got  # EOS was cut along with the tail
+
+
+def test_short_prompt_is_not_padded_and_completion_gets_the_rest(tok):
+    pair = prepare(STANDARD, tok, max_length=20, max_prompt_length=16)
+    prompt_full = ids(tok, STANDARD["prompt"], special=True)
+    assert len(prompt_full) < 16 and pair.prompt_ids == prompt_full
+    assert len(pair.prompt_ids) + len(pair.chosen_ids) == 20
+
+
+def test_nothing_left_of_the_completion(tok):
+    """With max_prompt_length == max_length (refused by the config, possible here) a long prompt
+    fills the whole budget and the completion is empty: a RowError, not an empty sequence."""
+    rendered = RenderedPair("one two three four five six seven eight nine ten", "yes", "no", templated=False)
+    assert len(ids(tok, rendered.prompt, special=True)) > 6
+    with pytest.raises(RowError, match=r"nothing left of 'chosen' after truncation to max_length=6"):
+        tokenize_pair(rendered, tok, max_length=6, max_prompt_length=6, eos_id=tok.eos_token_id)
+
+
+def test_pair_identical_after_truncation(tok):
+    """Chosen and rejected that differ only beyond max_length cannot be trained on."""
+    common = "Once upon a time there was a little cat who lived in a big red house by the sea"
+    row = with_(STANDARD, chosen=common + " and it was happy.", rejected=common + " and it was sad.")
+    with pytest.raises(RowError) as info:
+        prepare(row, tok, max_length=20, max_prompt_length=8)
+    assert "identical after truncation to max_length=20" in str(info.value)
+    assert "data.max_length" in str(info.value)
+    pair = prepare(row, tok, max_length=200, max_prompt_length=8)  # with room they differ
+    assert pair.chosen_ids != pair.rejected_ids
+
+
+def test_empty_prompt_tokens_are_refused(tok):
+    rendered = RenderedPair("", "yes", "no", templated=True)  # templated: no BOS added either
+    with pytest.raises(RowError, match="prompt tokenises to nothing"):
+        tokenize_pair(rendered, tok, max_length=16, max_prompt_length=8, eos_id=tok.eos_token_id)

@@ -1,0 +1,114 @@
+"""The torch-only stage mechanics: schedule, exact weighting of padded pairs, a few real steps."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sdpo.logprobs import collate_pairs
+from sdpo.training import (
+    EVAL_METRICS,
+    LossSettings,
+    build_optimizer,
+    eval_report,
+    eval_sums,
+    freeze,
+    lr_multiplier,
+    pair_losses,
+    scale_gradients,
+)
+
+DPO = LossSettings("sigmoid", 0.1, {})
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def make_batch(n, seed=0, weights=None):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [[1] + torch.randint(3, 40, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n)]
+    chosen = [torch.randint(3, 40, (3,), generator=g).tolist() + [2] for _ in range(n)]
+    rejected = [torch.randint(3, 40, (4,), generator=g).tolist() + [2] for _ in range(n)]
+    return collate_pairs(prompts, chosen, rejected, weights=weights)
+
+
+def test_schedule_warmup_then_decay():
+    lin = lr_multiplier("linear", warmup_steps=2, total_steps=10)
+    assert lin(0) < lin(1) < lin(2) == 1.0
+    assert lin(10) == 0.0 and lin(6) == pytest.approx(0.5)
+    cos = lr_multiplier("cosine", warmup_steps=0, total_steps=10)
+    assert cos(0) == 1.0 and cos(5) == pytest.approx(0.5) and cos(10) == pytest.approx(0.0)
+    assert lr_multiplier("constant", 0, 10)(9) == 1.0
+
+
+def test_first_loss_is_ln2_when_policy_starts_at_reference():
+    policy = tiny_model()
+    reference = freeze(copy.deepcopy(policy))
+    losses, metrics = pair_losses(policy, reference, make_batch(4), DPO)
+    assert torch.allclose(losses, torch.full((4,), math.log(2)), atol=1e-5)
+    assert metrics["rewards/margins"].abs().max() < 1e-5
+
+
+def test_zero_weight_padding_leaves_the_gradient_exact():
+    """Weighted sum + rescale by 1/(real pairs) == the plain mean over the real pairs alone."""
+    policy, reference = tiny_model(0), freeze(tiny_model(1))
+    prompts = [[1, 5, 6], [1, 7], [1, 8, 9, 10]]
+    chosen = [[11, 12, 2], [13, 2], [14, 15, 16, 2]]
+    rejected = [[17, 2], [18, 19, 2], [20, 2]]
+
+    losses, _ = pair_losses(policy, reference, collate_pairs(prompts, chosen, rejected), DPO)
+    losses.mean().backward()
+    expected = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+
+    # the same pairs plus a padding row (a copy of pair 0) that weighs 0, padded to a longer length
+    padded = collate_pairs(prompts + [prompts[0]], chosen + [chosen[0]], rejected + [rejected[0]],
+                           weights=[1.0, 1.0, 1.0, 0.0])
+    losses, _ = pair_losses(policy, reference, padded, DPO)
+    (losses * padded["weights"]).sum().backward()
+    scale_gradients(policy, 1.0 / float(padded["weights"].sum()))
+    for p, e in zip(policy.parameters(), expected, strict=True):
+        assert torch.allclose(p.grad, e, atol=1e-6)
+
+
+def test_a_few_steps_change_every_trainable_parameter_and_not_the_reference():
+    policy = tiny_model()
+    reference = freeze(copy.deepcopy(policy))
+    ref_before = copy.deepcopy(reference.state_dict())
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    opt = build_optimizer(policy, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    first = None
+    for step in range(5):
+        losses, _ = pair_losses(policy, reference, make_batch(8, seed=step % 2), DPO)
+        first = first if first is not None else losses.mean().item()
+        losses.mean().backward()
+        opt.step()
+        opt.zero_grad()
+    last = pair_losses(policy, reference, make_batch(8, seed=0), DPO)[0].mean().item()
+    assert last < first
+    for n, p in policy.named_parameters():
+        assert not torch.equal(p, before[n]), f"{n} did not change"
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, ref_before[k]), f"reference {k} changed"
+    assert all(not p.requires_grad for p in reference.parameters())
+
+
+def test_eval_sums_per_source_and_weighted():
+    policy, reference = tiny_model(0), freeze(tiny_model(1))
+    batch = make_batch(4, seed=3, weights=[1.0, 1.0, 1.0, 0.0])
+    batch["source_index"] = torch.tensor([0, 1, 1, 1])
+    sums = eval_sums(policy, reference, iter([batch]), DPO, 2, device=torch.device("cpu"), bf16=False)
+    assert sums.shape == (2, 1 + len(EVAL_METRICS))
+    assert sums[:, 0].tolist() == [1.0, 2.0]  # the zero-weight pair counts nowhere
+    report = eval_report(sums, ["a", "b"])
+    assert report["eval/num_pairs"] == 3.0
+    assert 0.0 <= report["eval/ranking_accuracy"] <= 1.0
+    # the overall mean is the pair-weighted mean of the per-source means
+    overall = (report["eval/a/loss"] * 1 + report["eval/b/loss"] * 2) / 3
+    assert report["eval/loss"] == pytest.approx(overall, rel=1e-5)
