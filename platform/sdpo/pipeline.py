@@ -144,6 +144,7 @@ def stage_config(job: JobConfig, stage: StagePlan, init: Any, reference: Any, th
         "lr_scheduler": t.lr_scheduler, "warmup_ratio": t.warmup_ratio, "max_grad_norm": t.max_grad_norm,
         "precision": t.precision, "logging_steps": t.logging_steps,
         "seed": job.seed * 1000 + stage.index, "torch_threads": threads,
+        "eval_before": stage.index == 1 or stage.init == BASE,
         "source_names": [s.name for s in job.data.sources],
     }
 
@@ -254,6 +255,11 @@ def train_stages(prep: Prepared, *, log: Callable[[str], None]) -> list[dict]:
             shutil.move(str(model_path / name), str(stage_dir / name))
         metrics = json.loads((stage_dir / STAGE_METRICS).read_text())
         metrics["wall_seconds"] = time.perf_counter() - t0
+        if records and not any(k.startswith("before/") for k in metrics):
+            # init: previous — this stage started from the model the previous stage evaluated last
+            metrics |= {f"before/{k}": v for k, v in records[-1]["metrics"].items() if k.startswith("eval/")}
+            metrics["before_eval_from"] = f"stage {records[-1]['index']}"
+            write_json_atomic(stage_dir / STAGE_METRICS, metrics)
         records.append({
             "index": stage.index, "partition": stage.partition, "num_pairs": stage.num_pairs,
             "reference": base if stage.reference == BASE else records[-1]["model"],

@@ -107,7 +107,8 @@ def stage_loop(cfg: dict) -> None:
     policy = load_model(cfg["init"], cfg, device)
     reference = freeze(load_model(cfg["reference"], cfg, device))
     reference_digest = fingerprint(reference)
-    eval_before = _evaluate(policy, reference, loss, cfg, device, bf16, world)
+    # With init: previous the policy starts as the reference, which the previous stage evaluated last.
+    eval_before = _evaluate(policy, reference, loss, cfg, device, bf16, world) if cfg["eval_before"] else {}
     policy.train()
     model = ray.train.torch.prepare_model(policy) if world > 1 else policy
 
