@@ -43,7 +43,8 @@ def weights(model_dir):
 @pytest.fixture(scope="module")
 def two_stage(ray_session, tmp_path_factory, shared):
     tmp = tmp_path_factory.mktemp("two_stage")
-    summary = run(job(tmp), log=lambda s: None)
+    # stage 2 runs two epochs through a per-stage override (and reshuffles between them)
+    summary = run(job(tmp, stages=[{}, {"epochs": 2}]), log=lambda s: None)
     return tmp / "out", summary
 
 
@@ -87,10 +88,13 @@ def test_every_pair_is_trained_exactly_once(two_stage):
     out, summary = two_stage
     parts = summary["data"]["partitions"]
     assert parts["orca"] % 2 == 1 or parts["ultrafeedback"] % 2 == 1, "choose max_rows to get an odd size"
-    for s in summary["stages"]:
+    for s, epochs in zip(summary["stages"], (1, 2), strict=True):
         log = [json.loads(x) for x in (out / "stages" / str(s["index"]) / "trainer_log.jsonl").read_text().splitlines()]
-        assert sum(e["pairs"] for e in log) == s["num_pairs"] == parts[s["partition"]]
-        assert s["metrics"]["pairs_trained"] == s["num_pairs"]
+        assert s["num_pairs"] == parts[s["partition"]]
+        for epoch in range(epochs):
+            assert sum(e["pairs"] for e in log if e["epoch"] == epoch) == s["num_pairs"]
+        assert s["metrics"]["pairs_trained"] == epochs * s["num_pairs"]
+        assert len(log) == summary["plan"][s["index"] - 1]["total_steps"]
     d = summary["data"]
     assert sum(d["rows"].values()) == sum(d["valid"].values()) + d["rejected"]
     assert sum(d["valid"].values()) == sum(parts.values()) + sum(d["eval"].values()) + sum(d["unused"].values())

@@ -142,7 +142,7 @@ def stage_config(job: JobConfig, stage: StagePlan, init: Any, reference: Any, th
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "weight_decay": t.weight_decay, "adam_betas": list(t.adam_betas), "adam_epsilon": t.adam_epsilon,
         "lr_scheduler": t.lr_scheduler, "warmup_ratio": t.warmup_ratio, "max_grad_norm": t.max_grad_norm,
-        "precision": t.precision, "logging_steps": t.logging_steps,
+        "precision": t.precision, "logging_steps": t.logging_steps, "shuffle": t.shuffle,
         "seed": job.seed * 1000 + stage.index, "torch_threads": threads,
         "eval_before": stage.index == 1 or stage.init == BASE,
         "source_names": [s.name for s in job.data.sources],

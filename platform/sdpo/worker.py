@@ -125,8 +125,14 @@ def stage_loop(cfg: dict) -> None:
     window = torch.zeros(2 + len(TRAIN_METRICS), device=device)
     state = {"step": 0, "pairs": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
     for epoch in range(cfg["epochs"]):
-        batches = shard.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=PairCollate(),
-                                           prefetch_batches=2)
+        # The partition is globally shuffled once per stage; later epochs also reshuffle locally, so
+        # no two epochs see the same order (every rank still gets the same number of batches).
+        reshuffle = cfg["shuffle"] and epoch > 0
+        batches = shard.iter_torch_batches(
+            batch_size=cfg["batch_size"], collate_fn=PairCollate(), prefetch_batches=2,
+            local_shuffle_buffer_size=8 * cfg["batch_size"] if reshuffle else None,
+            local_shuffle_seed=cfg["seed"] * 100 + epoch if reshuffle else None,
+        )
         micro = 0
         for micro, batch in enumerate(batches, start=1):
             batch = {k: v.to(device) for k, v in batch.items()}
