@@ -106,7 +106,8 @@ def stage_loop(cfg: dict) -> None:
 
     policy = load_model(cfg["init"], cfg, device)
     reference = freeze(load_model(cfg["reference"], cfg, device))
-    reference_digest = fingerprint(reference)
+    # Proof the reference stays frozen and is exactly M_{t-1}; rank 0 alone writes the stage metrics.
+    reference_digest = fingerprint(reference) if rank == 0 else None
     # With init: previous the policy starts as the reference, which the previous stage evaluated last.
     eval_before = _evaluate(policy, reference, loss, cfg, device, bf16, world) if cfg["eval_before"] else {}
     policy.train()
@@ -149,7 +150,7 @@ def stage_loop(cfg: dict) -> None:
     eval_after = _evaluate(policy, reference, loss, cfg, device, bf16, world)
     summary = _stage_summary(log, eval_before, eval_after, state["step"], time.perf_counter() - state["t0"])
     summary["reference_fingerprint"] = reference_digest
-    summary["reference_unchanged"] = fingerprint(reference) == reference_digest
+    summary["reference_unchanged"] = rank != 0 or fingerprint(reference) == reference_digest
     summary["pairs_trained"] = state["pairs"]
     _report(policy, cfg, log, summary, rank)
 
