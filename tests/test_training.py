@@ -9,11 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sdpo.logprobs import collate_pairs
 from sdpo.training import (
-    EVAL_METRICS,
     LossSettings,
     build_optimizer,
-    eval_report,
-    eval_sums,
     freeze,
     lr_multiplier,
     pair_losses,
@@ -97,18 +94,3 @@ def test_a_few_steps_change_every_trainable_parameter_and_not_the_reference():
     for k, v in reference.state_dict().items():
         assert torch.equal(v, ref_before[k]), f"reference {k} changed"
     assert all(not p.requires_grad for p in reference.parameters())
-
-
-def test_eval_sums_per_source_and_weighted():
-    policy, reference = tiny_model(0), freeze(tiny_model(1))
-    batch = make_batch(4, seed=3, weights=[1.0, 1.0, 1.0, 0.0])
-    batch["source_index"] = torch.tensor([0, 1, 1, 1])
-    sums = eval_sums(policy, reference, iter([batch]), DPO, 2, device=torch.device("cpu"), bf16=False)
-    assert sums.shape == (2, 1 + len(EVAL_METRICS))
-    assert sums[:, 0].tolist() == [1.0, 2.0]  # the zero-weight pair counts nowhere
-    report = eval_report(sums, ["a", "b"])
-    assert report["eval/num_pairs"] == 3.0
-    assert 0.0 <= report["eval/ranking_accuracy"] <= 1.0
-    # the overall mean is the pair-weighted mean of the per-source means
-    overall = (report["eval/a/loss"] * 1 + report["eval/b/loss"] * 2) / 3
-    assert report["eval/loss"] == pytest.approx(overall, rel=1e-5)

@@ -1,4 +1,4 @@
-"""The `sdpo` command line: `sdpo run`, `sdpo validate`."""
+"""The `sdpo` command line: `sdpo run`, `sdpo validate`, `sdpo report`."""
 
 from __future__ import annotations
 
@@ -31,11 +31,29 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=CONFIG_HELP)
     _job_args(val)
     val.add_argument("--output", help="keep the ingest results here (default: a temporary directory)")
+    rep = sub.add_parser("report", help="write report.md and plots/ for a finished run, print its stage table")
+    rep.add_argument("run_dir", help="the run's output directory (local or fsspec URL, e.g. s3://bucket/run)")
     return parser
+
+
+def report(run_dir: str) -> int:
+    # matplotlib and fsspec only: a report never starts or imports Ray
+    from sdpo.report import ReportError, write_report
+
+    try:
+        result = write_report(run_dir)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.table)
+    print(f"report: {result.markdown_path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        return report(args.run_dir)
     from sdpo.pipeline import run
 
     try:

@@ -155,6 +155,31 @@ class StageOverride(_Strict):
     epochs: int | None = Field(None, gt=0)
 
 
+class ReferenceConfig(_Strict):
+    """How the reference log-probs (and the held-out evaluation) are computed."""
+
+    mode: Literal["precompute", "online"] = Field(
+        "precompute",
+        description="precompute: a cached Ray Data inference pass before each stage, so training workers hold "
+        "only the policy; online: the reference runs inside every training step (kept for comparison).",
+    )
+    batch_size: int = Field(32, gt=0, description="Pairs per model call in the inference passes.")
+    num_actors: int | None = Field(None, gt=0, description="Inference actors; default one per GPU, or one on CPU.")
+    num_gpus_per_actor: float | None = Field(None, ge=0, description="Default: 1 when scaling.use_gpu, else 0.")
+    num_cpus_per_actor: PositiveFloat | None = Field(
+        None, description="Default: 1 with GPUs; on CPU the CPUs not kept for Ray Data."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Weights of the inference passes; auto = bf16 on GPUs, fp32 on CPU."
+    )
+    gamma: bool = Field(
+        True, description="The gamma diagnostic: also score each partition under the base model (cached)."
+    )
+    cache_dir: str | None = Field(
+        None, description="Where inference passes are cached (default <output_dir>/cache); share it across runs."
+    )
+
+
 class ScalingConfig(_Strict):
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
@@ -176,6 +201,7 @@ class JobConfig(_Strict):
         "previous", description="Stage t starts from M_{t-1} (sDPO) or from the base model (ablation)."
     )
     loss: LossConfig = LossConfig()
+    reference: ReferenceConfig = ReferenceConfig()
     training: TrainingConfig = TrainingConfig()
     scaling: ScalingConfig = ScalingConfig()
     output_dir: str = "runs/sdpo"

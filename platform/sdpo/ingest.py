@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
+from sdpo.caching import content_key, multiset_digest
 from sdpo.partition import EVAL, UNUSED, PartitionSpec, row_keys
 from sdpo.rows import RowError, prepare_record
 
@@ -149,7 +150,7 @@ def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
     """Raw rows -> token ids and hash keys; bad rows keep `raw` and get a `reason`."""
     tok = load_tokenizer(settings.path, settings.revision, settings.trust_remote_code)
     cols = {k: [] for k in ("reason", "raw", "prompt_ids", "chosen_ids", "rejected_ids",
-                            "eval_key", "split_key", "num_tokens")}
+                            "eval_key", "split_key", "content_key", "num_tokens")}
     for src, path, line, raw in zip(*(batch.column(c).to_pylist() for c in ("source", "file", "line", "raw")),
                                     strict=True):
         name = file_identity(path, settings.roots[src])
@@ -167,6 +168,7 @@ def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
         cols["raw"].append(keep_raw)
         cols["eval_key"].append(eval_key)
         cols["split_key"].append(split_key)
+        cols["content_key"].append(content_key(*ids))
         cols["num_tokens"].append(2 * len(ids[0]) + len(ids[1]) + len(ids[2]))
     ids_type = pa.list_(pa.int32())
     return pa.table({
@@ -178,6 +180,7 @@ def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
         "rejected_ids": pa.array(cols["rejected_ids"], ids_type),
         "eval_key": pa.array(cols["eval_key"], pa.int64()),
         "split_key": pa.array(cols["split_key"], pa.int64()),
+        "content_key": pa.array(cols["content_key"], pa.int64()),
         "num_tokens": pa.array(cols["num_tokens"], pa.int64()),
     })
 
@@ -238,8 +241,11 @@ def read_sources(sources: list, files: dict[str, list[str]]):
 
 
 def prepare(sources: list, files: dict[str, list[str]], data_dir: str, settings: TokenizerSettings,
-            rejected_path: str) -> tuple[IngestReport, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Pass 1: tokenise everything to `<data_dir>/prepared`, quarantine bad rows, collect hash keys."""
+            rejected_path: str) -> tuple[IngestReport, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Pass 1: tokenise everything to `<data_dir>/prepared`, quarantine bad rows, collect hash keys.
+
+    Returns, per source, the valid rows' (eval keys, split keys, content keys): 24 bytes a pair.
+    """
     import ray.data
 
     prepared = f"{data_dir}/prepared"
@@ -248,8 +254,8 @@ def prepare(sources: list, files: dict[str, list[str]], data_dir: str, settings:
     ).write_parquet(prepared)
 
     report = IngestReport()
-    keys: dict[str, tuple[list, list]] = {s.name: ([], []) for s in sources}
-    cols = ["source", "file", "line", "reason", "raw", "eval_key", "split_key", "num_tokens"]
+    keys: dict[str, tuple[list, list, list]] = {s.name: ([], [], []) for s in sources}
+    cols = ["source", "file", "line", "reason", "raw", "eval_key", "split_key", "content_key", "num_tokens"]
     with open(rejected_path, "w") as out:
         for batch in ray.data.read_parquet(prepared, columns=cols).iter_batches(batch_format="pyarrow"):
             reasons = batch.column("reason").to_pylist()
@@ -262,16 +268,30 @@ def prepare(sources: list, files: dict[str, list[str]], data_dir: str, settings:
             srcs = np.asarray(batch.column("source").to_pylist(), dtype=object)
             report.rows.update(srcs.tolist())
             ek, sk = batch.column("eval_key").to_numpy(), batch.column("split_key").to_numpy()
+            ck = batch.column("content_key").to_numpy()
             report.tokens += int(batch.column("num_tokens").to_numpy()[ok].sum())
             for name in np.unique(srcs[ok]):
                 sel = ok & (srcs == name)
                 keys[name][0].append(ek[sel])
                 keys[name][1].append(sk[sel])
+                keys[name][2].append(ck[sel])
                 report.valid[name] += int(sel.sum())
     as_arrays = {
         name: tuple(np.concatenate(k) if k else np.empty(0, np.int64) for k in pair) for name, pair in keys.items()
     }
     return report, as_arrays
+
+
+def partition_digests(spec: PartitionSpec, keys: dict[str, tuple[np.ndarray, ...]]) -> dict[str, str]:
+    """Content digest of every partition and of the held-out split (the pairs' token ids, any order)."""
+    members: dict[str, list[np.ndarray]] = {}
+    for src, (ek, sk, ck) in keys.items():
+        parts = spec.assign(np.full(len(ek), src, dtype=object), ek, sk)
+        for p in np.unique(parts):
+            if p == UNUSED:
+                continue
+            members.setdefault(EVAL_SPLIT if p == EVAL else spec.names[p], []).append(ck[parts == p])
+    return {name: multiset_digest(np.concatenate(arrs)) for name, arrs in members.items()}
 
 
 def write_partitions(data_dir: str, spec: PartitionSpec, source_names: list[str]) -> None:
@@ -291,8 +311,11 @@ def _with_weight(batch: pa.Table, weight: float) -> pa.Table:
 
 
 def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int, shuffle_seed: int | None,
-                  with_source: bool = False):
+                  with_source: bool = False, reference: str | None = None):
     """A partition as a Ray Dataset, padded with zero-weight rows to a multiple of `world_size`.
+
+    With `reference` (a scored entry of this partition, see passes.py) the rows come from there and
+    carry `ref_chosen_logps`, `ref_rejected_logps` and the completion token counts.
 
     Ray Train shards with `streaming_split(equal=True)`, which would drop up to world_size - 1 rows;
     padding makes the split exact, and the zero weights keep the padding out of every gradient and
@@ -301,7 +324,12 @@ def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int,
     import ray.data
 
     columns = ["prompt_ids", "chosen_ids", "rejected_ids"] + (["source_index"] if with_source else [])
-    base = ray.data.read_parquet(f"{data_dir}/partitions/split={split}", columns=columns)
+    if reference is None:
+        base = ray.data.read_parquet(f"{data_dir}/partitions/split={split}", columns=columns)
+    else:
+        base = ray.data.read_parquet(
+            reference, columns=columns + ["chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"]
+        ).rename_columns({"chosen_logps": "ref_chosen_logps", "rejected_logps": "ref_rejected_logps"})
     ds = base.random_shuffle(seed=shuffle_seed) if shuffle_seed is not None else base
     ds = ds.map_batches(_with_weight, fn_kwargs={"weight": 1.0}, batch_format="pyarrow")
     pad = (-num_pairs) % world_size

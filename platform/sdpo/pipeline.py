@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.config import ConfigError, JobConfig
-from sdpo.plan import BASE, PlanError, StagePlan, format_plan, plan_resources, plan_stages
+from sdpo.plan import BASE, PlanError, StagePlan, format_plan, plan_resources, plan_scoring, plan_stages
 
 SUMMARY = "summary.json"
 REJECTED = "rejected_rows.jsonl"
+CACHE = "cache"
 BUILTIN = "builtin:quickstart/"
 
 
@@ -105,10 +106,15 @@ def check_model(job: JobConfig):
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output directory unless `overwrite`; overwriting keeps `cache/` — its entries
+    are content-addressed, so they stay valid and a rerun reuses them."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
+        for child in out.iterdir():
+            if child.name == CACHE:
+                continue
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -138,14 +144,12 @@ def stage_config(job: JobConfig, stage: StagePlan, init: Any, reference: Any, th
         "loss_type": job.loss.type, "beta": stage.beta,
         "loss_options": job.loss.model_dump(exclude={"type", "beta"}),
         "learning_rate": stage.learning_rate, "epochs": stage.epochs, "total_steps": stage.total_steps,
-        "batch_size": t.batch_size, "eval_batch_size": 2 * t.batch_size,
+        "batch_size": t.batch_size, "reference_mode": job.reference.mode,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "weight_decay": t.weight_decay, "adam_betas": list(t.adam_betas), "adam_epsilon": t.adam_epsilon,
         "lr_scheduler": t.lr_scheduler, "warmup_ratio": t.warmup_ratio, "max_grad_norm": t.max_grad_norm,
         "precision": t.precision, "logging_steps": t.logging_steps, "shuffle": t.shuffle,
         "seed": job.seed * 1000 + stage.index, "torch_threads": threads,
-        "eval_before": stage.index == 1 or stage.init == BASE,
-        "source_names": [s.name for s in job.data.sources],
     }
 
 
@@ -160,6 +164,8 @@ class Prepared:
     spec: Any
     report: Any
     resources: Any
+    scoring: Any  # plan.ScoringPlan: the inference passes' actor pool
+    digests: dict[str, str]  # partition (and "_eval") -> content digest
 
 
 def prepare_run(job: JobConfig, out: Path, *, address: str | None, log: Callable[[str], None]) -> Prepared:
@@ -176,6 +182,10 @@ def prepare_run(job: JobConfig, out: Path, *, address: str | None, log: Callable
     s = job.scaling
     resources = plan_resources(ray.cluster_resources(), num_workers=s.num_workers, use_gpu=s.use_gpu,
                                data_cpus=s.data_cpus, resources_per_worker=s.resources_per_worker)
+    r = job.reference
+    scoring = plan_scoring(ray.cluster_resources(), use_gpu=s.use_gpu, data_cpus=s.data_cpus,
+                           num_actors=r.num_actors, num_gpus_per_actor=r.num_gpus_per_actor,
+                           num_cpus_per_actor=r.num_cpus_per_actor, precision=r.precision)
     data_dir = str((out / "data").resolve())
     settings = ingest.TokenizerSettings(
         path=job.model.tokenizer_path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code,
@@ -187,7 +197,7 @@ def prepare_run(job: JobConfig, out: Path, *, address: str | None, log: Callable
     _check_rejections(job, report, out)
     p = job.partitioning
     spec = plan_partitions(
-        keys, strategy=p.strategy.value, order=p.order, num_parts=p.num_parts, proportions=p.proportions,
+        {name: k[:2] for name, k in keys.items()}, strategy=p.strategy.value, order=p.order, num_parts=p.num_parts, proportions=p.proportions,
         eval_fraction=job.data.eval.fraction, eval_cap=job.data.eval.max_pairs_per_source,
     )
     stages = plan_stages(job, spec.names, spec.sizes)  # raises on empty partitions, before the write pass
@@ -197,7 +207,7 @@ def prepare_run(job: JobConfig, out: Path, *, address: str | None, log: Callable
     for name, n in spec.unused.items():
         log(f"note: {n} valid pairs of source {name!r} are not in partitioning.order and will not be trained on")
     log(format_plan(stages, sum(spec.eval_sizes.values())))
-    return Prepared(job, out, stages, spec, report, resources)
+    return Prepared(job, out, stages, spec, report, resources, scoring, ingest.partition_digests(spec, keys))
 
 
 def _check_rejections(job: JobConfig, report, out: Path) -> None:
@@ -213,28 +223,49 @@ def _check_rejections(job: JobConfig, report, out: Path) -> None:
         )
 
 
+def pass_settings(prep: Prepared) -> Any:
+    from sdpo.passes import PassSettings
+
+    job = prep.job
+    m, d = job.model, job.data
+    return PassSettings(
+        plan=prep.scoring, batch_size=job.reference.batch_size,
+        cache_dir=job.reference.cache_dir or str((prep.out / CACHE).resolve()),
+        tokenization={"tokenizer": m.tokenizer_path, "revision": m.revision, "max_length": d.max_length,
+                      "max_prompt_length": d.max_prompt_length},
+        revision=m.revision, trust_remote_code=m.trust_remote_code,
+    )
+
+
 def train_stages(prep: Prepared, *, log: Callable[[str], None]) -> list[dict]:
+    """For each stage: the reference (and base) pass, the TorchTrainer, the held-out pass."""
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from sdpo.ingest import EVAL_SPLIT, split_dataset
+    from sdpo.caching import model_digest
+    from sdpo.ingest import split_dataset
     from sdpo.worker import STAGE_METRICS, STEP_LOG, stage_loop
 
     job, out = prep.job, prep.out
     world = job.scaling.num_workers
     data_dir = str((out / "data").resolve())
-    eval_pairs = sum(prep.spec.eval_sizes.values())
-    base, previous, records = job.model.path, None, []
+    settings = pass_settings(prep)
+    base = job.model.path
+    digests = {BASE: model_digest(base, job.model.revision)}
+    evaluator = HeldOut(prep, settings, data_dir, log)
+    evaluator.start(base)
+    previous, records = None, []
     for stage in prep.stages:
         ref = base if stage.reference == BASE else previous
         init = base if stage.init == BASE else previous
+        ref_digest = digests[BASE] if stage.reference == BASE else digests[stage.index - 1]
+        passes, gamma = reference_passes(prep, stage, ref, ref_digest, base, digests[BASE], settings, log)
+        reference_path = passes["reference"].path if job.reference.mode == "precompute" else None
         datasets = {"train": split_dataset(
             data_dir, stage.partition, num_pairs=stage.num_pairs, world_size=world,
             shuffle_seed=(job.seed * 1000 + stage.index) if job.training.shuffle else None,
+            reference=reference_path,
         )}
-        if eval_pairs:
-            datasets["eval"] = split_dataset(data_dir, EVAL_SPLIT, num_pairs=eval_pairs, world_size=world,
-                                             shuffle_seed=None, with_source=True)
         trainer = TorchTrainer(
             stage_loop,
             train_loop_config=stage_config(job, stage, init, ref, prep.resources.torch_threads),
@@ -253,22 +284,104 @@ def train_stages(prep: Prepared, *, log: Callable[[str], None]) -> list[dict]:
         result.checkpoint.to_directory(str(model_path))
         for name in (STEP_LOG, STAGE_METRICS):
             shutil.move(str(model_path / name), str(stage_dir / name))
+        digests[stage.index] = model_digest(str(model_path))
         metrics = json.loads((stage_dir / STAGE_METRICS).read_text())
         metrics["wall_seconds"] = time.perf_counter() - t0
-        if records and not any(k.startswith("before/") for k in metrics):
-            # init: previous — this stage started from the model the previous stage evaluated last
-            metrics |= {f"before/{k}": v for k, v in records[-1]["metrics"].items() if k.startswith("eval/")}
-            metrics["before_eval_from"] = f"stage {records[-1]['index']}"
-            write_json_atomic(stage_dir / STAGE_METRICS, metrics)
+        metrics |= gamma["metrics"]
+        metrics |= evaluator.after_stage(stage, result.checkpoint)
+        write_json_atomic(stage_dir / STAGE_METRICS, metrics)
         records.append({
             "index": stage.index, "partition": stage.partition, "num_pairs": stage.num_pairs,
             "reference": base if stage.reference == BASE else records[-1]["model"],
             "init": base if stage.init == BASE else records[-1]["model"],
-            "model": str(model_path.resolve()), "metrics": metrics,
+            "model": str(model_path.resolve()), "reference_mode": job.reference.mode,
+            "reference_digest": ref_digest, "model_digest": digests[stage.index],
+            "metrics": metrics, "gamma": gamma["histograms"],
+            "cache": {role: e.to_dict() for role, e in passes.items()},
         })
         log(stage_line(records[-1]))
         previous = result.checkpoint
     return records
+
+
+def reference_passes(prep: Prepared, stage: StagePlan, ref: Any, ref_digest: str | None, base: str,
+                     base_digest: str | None, settings: Any, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """The stage's reference pass (cached) and, for the gamma diagnostic, the base model's pass on D_t."""
+    from sdpo.diagnostics import gamma_summary
+    from sdpo.passes import read_gamma, scored_split
+
+    job, out = prep.job, prep.out
+    split_dir = str((out / "data" / "partitions" / f"split={stage.partition}").resolve())
+    needed = {}
+    if job.reference.mode == "precompute" or job.reference.gamma:
+        needed["reference"] = (ref, ref_digest)
+    if job.reference.gamma:
+        needed["base"] = (base, base_digest)
+    entries = {}
+    for role, (model, digest) in needed.items():
+        same = role == "base" and "reference" in entries and digest is not None and digest == ref_digest
+        if same:  # stage 1, or init/reference from the base: one pass serves both
+            entries[role] = entries["reference"]
+            continue
+        e = scored_split(split_dir, model=model, model_digest=digest, data_digest=prep.digests[stage.partition],
+                         num_rows=stage.num_pairs, settings=settings,
+                         uncached_dir=str((out / "scores" / f"stage{stage.index}-{role}").resolve()), log=log)
+        speed = f", {e.pairs_per_s:.1f} pairs/s" if e.pairs_per_s else ""
+        log(f"stage {stage.index}: {role} pass on {stage.partition!r}: cache {e.status} "
+            f"({e.num_rows} pairs{speed}) {e.path}")
+        entries[role] = e
+    if not job.reference.gamma:
+        return entries, {"metrics": {}, "histograms": {}}
+    metrics, hists = gamma_summary(read_gamma(entries["reference"].path), read_gamma(entries["base"].path))
+    log(f"stage {stage.index}: gamma on {stage.partition!r}: reference mean {metrics['gamma_ref/mean']:.3f} "
+        f"median {metrics['gamma_ref/median']:.3f}; base mean {metrics['gamma_base/mean']:.3f} "
+        f"median {metrics['gamma_base/median']:.3f}")
+    return entries, {"metrics": metrics, "histograms": hists}
+
+
+class HeldOut:
+    """Held-out evaluation as Ray Data passes: the eval rows gain one pair of log-prob columns per model
+    (`m0_` the base, `m<t>_` stage t), so each stage scores only its own model."""
+
+    def __init__(self, prep: Prepared, settings: Any, data_dir: str, log: Callable[[str], None]):
+        self.prep, self.settings, self.log = prep, settings, log
+        self.enabled = sum(prep.spec.eval_sizes.values()) > 0
+        self.eval_dir = prep.out / "eval"
+        self.source = f"{data_dir}/partitions/split=_eval"
+        self.sources = [s.name for s in prep.job.data.sources]
+
+    def _scores(self, t: int) -> str:
+        return str((self.eval_dir / f"scores_{t}").resolve())
+
+    def start(self, base: str) -> None:
+        from sdpo.passes import extend_eval
+
+        if self.enabled:
+            seconds = extend_eval(self.source, self._scores(0), model=base, prefix="m0_", settings=self.settings,
+                                  first=True)
+            self.log(f"held-out: base model scored in {seconds:.1f}s")
+
+    def _metrics(self, table: int, policy: int, reference: int, beta: float) -> dict[str, float]:
+        from sdpo.passes import eval_metrics
+
+        job = self.prep.job
+        return eval_metrics(self._scores(table), policy=f"m{policy}_", reference=f"m{reference}_", base="m0_",
+                            loss_type=job.loss.type, beta=beta,
+                            options=job.loss.model_dump(exclude={"type", "beta"}), sources=self.sources)
+
+    def after_stage(self, stage: StagePlan, model: Any) -> dict[str, float]:
+        """`eval/*` for the stage's model and `before/eval/*` for the model it started from."""
+        from sdpo.passes import extend_eval
+
+        if not self.enabled:
+            return {}
+        t = stage.index
+        start = 0 if stage.init == BASE else t - 1
+        before = self._metrics(t - 1, policy=start, reference=t - 1, beta=stage.beta)
+        extend_eval(self._scores(t - 1), self._scores(t), model=model, prefix=f"m{t}_", settings=self.settings,
+                    first=False)
+        after = self._metrics(t, policy=t, reference=t - 1, beta=stage.beta)
+        return {f"before/{k}": v for k, v in before.items()} | after
 
 
 def stage_line(record: dict) -> str:
@@ -312,6 +425,12 @@ def run(job: JobConfig, *, output_dir: str | None = None, address: str | None = 
         summary["stages"] = train_stages(prep, log=log)
         summary["final_model"] = summary["stages"][-1]["model"]
     write_json_atomic(out / SUMMARY, summary)
+    if not plan_only:
+        from sdpo.report import write_report
+
+        report = write_report(str(out))
+        log(report.table)
+        log(f"report: {report.markdown_path}")
     return summary
 
 

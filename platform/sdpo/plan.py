@@ -147,3 +147,53 @@ def plan_resources(
             "(a request that can never be met would otherwise wait forever)"
         )
     return ResourcePlan(per, max(1, int(per.get("CPU", 1.0))), data_cpus)
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """The inference passes' actor pool (reference, base-model and held-out scoring)."""
+
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+    precision: str  # resolved: "fp32" or "bf16"
+
+
+def plan_scoring(
+    cluster: dict[str, float],
+    *,
+    use_gpu: bool,
+    data_cpus: float,
+    num_actors: int | None = None,
+    num_gpus_per_actor: float | None = None,
+    num_cpus_per_actor: float | None = None,
+    precision: str = "auto",
+) -> ScoringPlan:
+    """Size the actor pool of the inference passes, which run between stages (never beside training).
+
+    GPU: one actor per GPU, 1 GPU and 1 CPU each. CPU: one actor holding every CPU but Ray Data's
+    share (one model copy, many threads, beats several copies fighting for the same cores).
+    """
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    gpu_each = num_gpus_per_actor if num_gpus_per_actor is not None else (1.0 if use_gpu else 0.0)
+    if gpu_each > 0:
+        actors = num_actors or max(1, int(gpus // gpu_each))
+        cpu_each = num_cpus_per_actor or 1.0
+    else:
+        actors = num_actors or 1
+        cpu_each = num_cpus_per_actor or max(0.5, (cpus - max(data_cpus, 1.0)) / actors)
+    if actors * gpu_each > gpus + 1e-9:
+        raise PlanError(
+            f"reference: {actors} actors x {gpu_each:g} GPU need {actors * gpu_each:g} GPUs but the cluster has "
+            f"{gpus:g}; lower reference.num_actors or reference.num_gpus_per_actor"
+        )
+    keep = max(data_cpus, 1.0)  # Ray Data's read and write tasks need a CPU beside the actors, or the pass hangs
+    if actors * cpu_each + keep > cpus + 1e-9:
+        raise PlanError(
+            f"reference: {actors} actors x {cpu_each:g} CPU, plus {keep:g} CPU kept for Ray Data, exceed the "
+            f"cluster's {cpus:g} CPUs; lower reference.num_actors or reference.num_cpus_per_actor, or add nodes"
+        )
+    if precision == "auto":
+        precision = "bf16" if gpu_each > 0 else "fp32"
+    return ScoringPlan(actors, cpu_each, gpu_each, max(1, int(cpu_each)), precision)

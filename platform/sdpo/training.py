@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,6 @@ TRAIN_METRICS = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
     "logps/chosen", "logps/rejected",
 )
-EVAL_METRICS = ("loss", "reward_accuracy", "ranking_accuracy", "margin", "logps_chosen", "logps_rejected")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,14 +103,33 @@ class LossSettings:
         return get_loss(self.loss_type).mean_logps
 
 
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens")
+
+
+def precomputed_reference(batch: dict[str, Tensor], *, average: bool) -> tuple[Tensor, Tensor]:
+    """The reference pass's values that travel with the batch: summed log-probs (or their per-token mean)."""
+    chosen, rejected = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+    if average:
+        chosen = chosen / batch["chosen_tokens"].clamp(min=1)
+        rejected = rejected / batch["rejected_tokens"].clamp(min=1)
+    return chosen, rejected
+
+
 def pair_losses(
-    policy: torch.nn.Module, reference: torch.nn.Module, batch: dict[str, Tensor], loss: LossSettings
+    policy: torch.nn.Module, reference: torch.nn.Module | None, batch: dict[str, Tensor], loss: LossSettings
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-pair losses (with grad) and per-pair detached metrics for one batch."""
+    """Per-pair losses (with grad) and per-pair detached metrics for one batch.
+
+    `reference=None` (reference.mode: precompute) takes the reference log-probs from the batch's
+    `ref_*` columns; otherwise the reference model runs here, under no_grad (mode: online).
+    """
     avg = loss.average_logps
     chosen, rejected = split_pairs(sequence_logps(policy, batch, average=avg))
-    with torch.no_grad():
-        ref_chosen, ref_rejected = split_pairs(sequence_logps(reference, batch, average=avg))
+    if reference is None:
+        ref_chosen, ref_rejected = precomputed_reference(batch, average=avg)
+    else:
+        with torch.no_grad():
+            ref_chosen, ref_rejected = split_pairs(sequence_logps(reference, batch, average=avg))
     losses = preference_loss(
         loss.loss_type, chosen, rejected, ref_chosen, ref_rejected, beta=loss.beta, **loss.options
     )
@@ -134,52 +152,3 @@ def scale_gradients(model: torch.nn.Module, factor: float) -> None:
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_(factor)
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def eval_sums(
-    policy: torch.nn.Module,
-    reference: torch.nn.Module,
-    batches: Iterator[dict[str, Tensor]],
-    loss: LossSettings,
-    num_sources: int,
-    *,
-    device: torch.device,
-    bf16: bool,
-) -> Tensor:
-    """Per-source weighted sums of EVAL_METRICS: a [num_sources, 1 + len(EVAL_METRICS)] tensor."""
-    was_training = policy.training
-    policy.eval()
-    sums = torch.zeros(num_sources, 1 + len(EVAL_METRICS), device=device)
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(bf16, device):
-            losses, m = pair_losses(policy, reference, batch, loss)
-        per_pair = {
-            "loss": losses.float(),
-            "reward_accuracy": m["rewards/accuracies"],
-            "ranking_accuracy": (m["logps/chosen"] > m["logps/rejected"]).float(),
-            "margin": m["rewards/margins"],
-            "logps_chosen": m["logps/chosen"],
-            "logps_rejected": m["logps/rejected"],
-        }
-        w = batch["weights"]
-        for s in batch["source_index"].unique().tolist():
-            sel = batch["source_index"] == s
-            sums[s] += weighted_sums({k: v[sel] for k, v in per_pair.items()}, w[sel], EVAL_METRICS)
-    policy.train(was_training)
-    return sums
-
-
-def eval_report(sums: Tensor, source_names: list[str]) -> dict[str, float]:
-    """`eval/<metric>` over all sources plus `eval/<source>/<metric>` per source."""
-    out = {f"eval/{k}": v for k, v in means_from_sums(sums.sum(0), EVAL_METRICS).items()}
-    if len(source_names) > 1:
-        for i, name in enumerate(source_names):
-            if float(sums[i, 0]) > 0:
-                out.update({f"eval/{name}/{k}": v for k, v in means_from_sums(sums[i], EVAL_METRICS).items()})
-    out["eval/num_pairs"] = float(sums[:, 0].sum())
-    return out

@@ -1,8 +1,11 @@
 """The per-worker loop of one sDPO stage (Ray Train V2).
 
-Each worker streams its shard of the stage's partition, trains the policy initialised from `init`
-against the frozen `reference`, and at the end rank 0 writes the model and tokenizer in Hugging Face
-format (plus the step log) as the stage's checkpoint. The mechanics live in `training.py`.
+Each worker streams its shard of the stage's partition, trains the policy initialised from `init`,
+and at the end rank 0 writes the model and tokenizer in Hugging Face format (plus the step log) as
+the stage's checkpoint. With `reference.mode: precompute` (the default) the reference log-probs
+arrive with the rows (computed by the cached reference pass, passes.py) and the worker holds only
+the policy; with `online` it loads the frozen reference and runs it inside every step. Held-out
+evaluation is a separate pass after the stage. The mechanics live in `training.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import math
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,13 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from sdpo.logprobs import collate_pairs
+from sdpo.scoring import load_model
 from sdpo.training import (
+    REFERENCE_COLUMNS,
     TRAIN_METRICS,
     LossSettings,
     autocast,
     build_optimizer,
-    eval_report,
-    eval_sums,
     fingerprint,
     freeze,
     lr_multiplier,
@@ -51,45 +53,21 @@ class PairCollate(NumpyBatchCollateFn):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"],
                             weights=batch["weight"])
-        if "source_index" in batch:
-            out["source_index"] = torch.tensor(batch["source_index"].tolist(), dtype=torch.long)
+        for name in REFERENCE_COLUMNS:  # reference.mode: precompute
+            if name in batch:
+                out[name] = torch.tensor(np.asarray(batch[name]))  # a copy: Arrow buffers are read-only
         return out
 
 
-@contextmanager
-def model_dir(ref: Any):
-    """A local directory for a model reference: a path / hub id, or a Ray Checkpoint."""
-    if isinstance(ref, ray.train.Checkpoint):
-        with ref.as_directory() as d:
-            yield d
-    else:
-        yield ref
-
-
-def load_model(ref: Any, cfg: dict, device: torch.device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    with model_dir(ref) as path:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, revision=cfg.get("revision") if isinstance(ref, str) else None,
-            trust_remote_code=cfg["trust_remote_code"],
-        )
-    return model.to(device)
+def _load(ref: Any, cfg: dict, device: torch.device) -> torch.nn.Module:
+    return load_model(ref, dtype=torch.float32, device=device, revision=cfg.get("revision"),
+                      trust_remote_code=cfg["trust_remote_code"])
 
 
 def _allreduce(t: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         torch.distributed.all_reduce(t)
     return t
-
-
-def _evaluate(policy, reference, loss, cfg, device, bf16, world) -> dict[str, float]:
-    shard = ray.train.get_dataset_shard("eval")
-    if shard is None:
-        return {}
-    batches = shard.iter_torch_batches(batch_size=cfg["eval_batch_size"], collate_fn=PairCollate())
-    sums = eval_sums(policy, reference, iter(batches), loss, len(cfg["source_names"]), device=device, bf16=bf16)
-    return eval_report(_allreduce(sums, world), cfg["source_names"])
 
 
 def stage_loop(cfg: dict) -> None:
@@ -104,12 +82,12 @@ def stage_loop(cfg: dict) -> None:
     bf16 = use_bf16(cfg["precision"], device)
     loss = LossSettings(cfg["loss_type"], cfg["beta"], cfg["loss_options"])
 
-    policy = load_model(cfg["init"], cfg, device)
-    reference = freeze(load_model(cfg["reference"], cfg, device))
+    policy = _load(cfg["init"], cfg, device)
+    reference = None
+    if cfg["reference_mode"] == "online":
+        reference = freeze(_load(cfg["reference"], cfg, device))
     # Proof the reference stays frozen and is exactly M_{t-1}; rank 0 alone writes the stage metrics.
-    reference_digest = fingerprint(reference) if rank == 0 else None
-    # With init: previous the policy starts as the reference, which the previous stage evaluated last.
-    eval_before = _evaluate(policy, reference, loss, cfg, device, bf16, world) if cfg["eval_before"] else {}
+    reference_digest = fingerprint(reference) if rank == 0 and reference is not None else None
     policy.train()
     model = ray.train.torch.prepare_model(policy) if world > 1 else policy
 
@@ -147,10 +125,10 @@ def stage_loop(cfg: dict) -> None:
         if micro % accum:  # a partial window at the end of the epoch
             log.append(_optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch))
 
-    eval_after = _evaluate(policy, reference, loss, cfg, device, bf16, world)
-    summary = _stage_summary(log, eval_before, eval_after, state["step"], time.perf_counter() - state["t0"])
-    summary["reference_fingerprint"] = reference_digest
-    summary["reference_unchanged"] = rank != 0 or fingerprint(reference) == reference_digest
+    summary = _stage_summary(log, state["step"], time.perf_counter() - state["t0"])
+    if reference is not None:
+        summary["reference_fingerprint"] = reference_digest
+        summary["reference_unchanged"] = rank != 0 or fingerprint(reference) == reference_digest
     summary["pairs_trained"] = state["pairs"]
     _report(policy, cfg, log, summary, rank)
 
@@ -197,7 +175,7 @@ def _progress(line: str) -> None:
     sys.stdout.flush()
 
 
-def _stage_summary(log, eval_before, eval_after, steps, seconds) -> dict:
+def _stage_summary(log, steps, seconds) -> dict:
     def mean(key):
         vals = [e[key] for e in log if math.isfinite(e[key])]
         return sum(vals) / len(vals) if vals else float("nan")
@@ -208,8 +186,6 @@ def _stage_summary(log, eval_before, eval_after, steps, seconds) -> dict:
         out.update({f"final/{k}": log[-1][k] for k in TRAIN_METRICS})
         out["pairs_per_s"] = log[-1]["pairs_per_s"]
         out["tokens_per_s"] = log[-1]["tokens_per_s"]
-    out.update({f"before/{k}": v for k, v in eval_before.items()})
-    out.update(eval_after)
     return out
 
 

@@ -1,0 +1,142 @@
+"""Content addresses for inference passes: what a pass's result depends on, hashed. No Ray, no torch.
+
+A scoring pass (reference log-probs, base-model log-probs) is a pure function of
+- the model's weights (`model_digest`: the bytes of its weight files and config, or a hub commit),
+- the pairs it scores (`content_key` per row, `multiset_digest` per partition: the token ids
+  themselves, so any change of data, chat template, truncation or max_length shows up),
+- the tokenisation settings and the precision of the pass, and the scorer's own version.
+`pass_key` hashes exactly these; a cache entry lives at `<cache_dir>/scores/<key>/` and counts only
+once its completion marker is written (last, atomically), so a crash mid-write is a miss, never a
+half-read hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+SCORER_VERSION = "1"  # bump when the scorer's numerics change: every old entry then misses
+MARKER = "_COMPLETE.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_MODEL_FILES = ("config.json", "generation_config.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data content
+# --------------------------------------------------------------------------------------------------
+def content_key(prompt: Iterable[int], chosen: Iterable[int], rejected: Iterable[int]) -> int:
+    """A 63-bit digest of one pair's token ids (what a model actually scores)."""
+    h = hashlib.blake2b(digest_size=8)
+    for ids in (prompt, chosen, rejected):
+        arr = np.asarray(list(ids), dtype=np.int32)
+        h.update(len(arr).to_bytes(4, "little"))
+        h.update(arr.tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def multiset_digest(keys: np.ndarray) -> str:
+    """Order-independent digest of a set of rows' content keys (duplicates count)."""
+    arr = np.sort(np.asarray(keys, dtype=np.int64))
+    h = hashlib.sha256(len(arr).to_bytes(8, "little"))
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Model weights
+# --------------------------------------------------------------------------------------------------
+def model_digest(path: str, revision: str | None = None) -> str | None:
+    """Digest of a model's weights: its weight and config files (local or any fsspec URL), or, for a
+    hub id, the commit the revision resolves to. None when it cannot be determined (offline hub id)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.isdir(root):
+        files = sorted(
+            f for f in fs.find(root)
+            if f.endswith(_WEIGHT_SUFFIXES) or posixpath.basename(f) in _MODEL_FILES
+        )
+        if not any(f.endswith(_WEIGHT_SUFFIXES) for f in files):
+            return None
+        h = hashlib.sha256()
+        for f in files:
+            h.update(posixpath.relpath(f, root).encode() + b"\0")
+            with fs.open(f, "rb") as fh:
+                while chunk := fh.read(16 << 20):
+                    h.update(chunk)
+        return "files:" + h.hexdigest()
+    try:  # a hub id: the commit pins the weights
+        from huggingface_hub import HfApi
+
+        sha = HfApi().model_info(path, revision=revision).sha
+        return f"hub:{path}@{sha}" if sha else None
+    except Exception:  # offline, private, or not a hub id: not cacheable, never wrong
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys and entries
+# --------------------------------------------------------------------------------------------------
+def pass_key(*, model: str, data: str, tokenization: dict[str, Any], precision: str) -> str:
+    """The cache key of one scoring pass. Every argument is an input of the result."""
+    payload = {"scorer": SCORER_VERSION, "model": model, "data": data, "tokenization": tokenization,
+               "precision": precision}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass
+class CacheEntry:
+    key: str | None  # None: not cacheable (the model's digest is unknown)
+    path: str
+    status: str = "miss"  # "hit" | "miss" | "uncached"
+    seconds: float = 0.0
+    pairs_per_s: float | None = None
+    num_rows: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def entry_path(cache_dir: str, key: str) -> str:
+    return posixpath.join(cache_dir.rstrip("/"), "scores", key)
+
+
+def read_marker(path: str) -> dict | None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    marker = posixpath.join(root, MARKER)
+    if not fs.exists(marker):
+        return None
+    try:
+        with fs.open(marker, "r") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_marker(path: str, meta: dict) -> None:
+    """Mark an entry complete: written to a temporary name, then renamed (atomic on local disks)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    tmp = posixpath.join(root, f".{MARKER}.{os.getpid()}.{time.time_ns()}")
+    with fs.open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    fs.mv(tmp, posixpath.join(root, MARKER))
+
+
+def clear(path: str) -> None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

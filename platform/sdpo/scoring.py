@@ -1,0 +1,118 @@
+"""Inference passes over prepared pairs: sequence log-probs of a frozen model. Torch only.
+
+`PairScorer` is what the reference pass, the base-model (gamma) pass and the held-out evaluation run
+as a Ray Data `map_batches` actor — but it imports no Ray, so it can be measured on a machine with
+torch alone. Per batch it sorts the pairs by length and scores them in micro-batches (little padding),
+under `torch.inference_mode`, with the weights in bf16 where asked (log-softmax in fp32), and appends
+the summed completion log-probs and the completion token counts; a per-token mean is sum / count, so
+one pass serves both aggregations.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from sdpo.logprobs import collate_pairs, token_logps_sum
+
+TOKENS = ("chosen_tokens", "rejected_tokens")
+
+
+@contextmanager
+def model_directory(ref: Any):
+    """A local directory for a model reference: a path or hub id, or anything with `as_directory()`
+    (a Ray Train Checkpoint) — duck-typed, so this module needs no Ray."""
+    if hasattr(ref, "as_directory"):
+        with ref.as_directory() as d:
+            yield d
+    else:
+        yield ref
+
+
+def load_model(ref: Any, *, dtype: torch.dtype, device: torch.device, revision: str | None = None,
+               trust_remote_code: bool = False) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with model_directory(ref) as path:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, revision=revision if isinstance(ref, str) else None,
+            trust_remote_code=trust_remote_code,
+        )
+    return model.to(device)
+
+
+def pick_device(num_gpus: float) -> torch.device:
+    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    """auto -> bf16 on GPUs, fp32 on CPU (the same rule as training's autocast)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if on_gpu else "fp32"
+
+
+@torch.inference_mode()
+def score_pairs(
+    model: torch.nn.Module,
+    prompt_ids: list,
+    chosen_ids: list,
+    rejected_ids: list,
+    *,
+    device: torch.device,
+    micro_batch: int = 32,
+) -> dict[str, np.ndarray]:
+    """Summed completion log-probs of chosen and rejected, and their token counts, per pair.
+
+    Pairs are scored longest-first in micro-batches of similar length, then put back in input order.
+    """
+    n = len(prompt_ids)
+    lengths = np.array([len(p) + max(len(c), len(r)) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids,
+                                                                         strict=True)])
+    order = np.argsort(-lengths, kind="stable")
+    out = {k: np.zeros(n, np.float64) for k in ("chosen_logps", "rejected_logps")}
+    out |= {k: np.zeros(n, np.int32) for k in TOKENS}
+    for start in range(0, n, micro_batch):
+        idx = order[start:start + micro_batch]
+        batch = collate_pairs([prompt_ids[i] for i in idx], [chosen_ids[i] for i in idx],
+                              [rejected_ids[i] for i in idx])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits
+        sums, counts = token_logps_sum(logits, batch["input_ids"], batch["completion_mask"])
+        b = len(idx)
+        sums, counts = sums.double().cpu().numpy(), counts.cpu().numpy()
+        out["chosen_logps"][idx], out["rejected_logps"][idx] = sums[:b], sums[b:]
+        out["chosen_tokens"][idx], out["rejected_tokens"][idx] = counts[:b], counts[b:]
+    return out
+
+
+class PairScorer:
+    """Ray Data `map_batches` callable (pyarrow batches in and out): appends
+    `<prefix>chosen_logps`, `<prefix>rejected_logps` and, if absent, `chosen_tokens`, `rejected_tokens`."""
+
+    def __init__(self, model: Any, *, prefix: str = "", precision: str = "fp32", num_gpus: float = 0.0,
+                 threads: int | None = None, micro_batch: int = 32, revision: str | None = None,
+                 trust_remote_code: bool = False):
+        if threads:  # never more threads than the node has cores (logical CPUs may oversubscribe)
+            torch.set_num_threads(max(1, min(threads, os.cpu_count() or threads)))
+        self.device = pick_device(num_gpus)
+        dtype = torch.bfloat16 if resolve_precision(precision, self.device.type == "cuda") == "bf16" else torch.float32
+        self.model = load_model(model, dtype=dtype, device=self.device, revision=revision,
+                                trust_remote_code=trust_remote_code).eval()
+        self.prefix, self.micro_batch = prefix, micro_batch
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        ids = [table.column(c).to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        scores = score_pairs(self.model, *ids, device=self.device, micro_batch=self.micro_batch)
+        for name in ("chosen_logps", "rejected_logps"):
+            table = table.append_column(self.prefix + name, pa.array(scores[name], pa.float64()))
+        for name in TOKENS:
+            if name not in table.column_names:
+                table = table.append_column(name, pa.array(scores[name], pa.int32()))
+        return table
