@@ -3,13 +3,17 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sdpo.caching import model_digest, read_marker
 from sdpo.config import ConfigError, parse_job
 from sdpo.pipeline import run
+from sdpo.report import format_value, stage_table
+from sdpo.scoring import score_pairs
 from sdpo.training import fingerprint
 
 from .conftest import ORCA, STORIES, ULTRAFEEDBACK
@@ -56,21 +60,92 @@ def test_stage_chain(two_stage):
     assert s1["reference"] == s1["init"] == str(STORIES)
     assert s2["reference"] == s2["init"] == s1["model"]
     assert summary["final_model"] == s2["model"] == str((out / "stages" / "2" / "model").resolve())
-    # the reference stage 2 actually trained against is bit-identical to stage 1's saved model
-    stage1 = AutoModelForCausalLM.from_pretrained(s1["model"])
-    assert s2["metrics"]["reference_fingerprint"] == fingerprint(stage1)
-    base = AutoModelForCausalLM.from_pretrained(str(STORIES))
-    assert s1["metrics"]["reference_fingerprint"] == fingerprint(base)
+    # the reference log-probs stage 2 trained against were computed from exactly stage 1's saved weights
+    assert s1["reference_digest"] == model_digest(str(STORIES))
+    assert s2["reference_digest"] == s1["model_digest"] == model_digest(s1["model"])
+    for s in (s1, s2):
+        assert read_marker(s["cache"]["reference"]["path"])["model"] == s["reference_digest"]
 
 
-def test_parameters_change_and_references_stay_frozen(two_stage):
+def test_reference_pass_holds_the_previous_models_log_probs(two_stage):
+    """Stage 2's cached rows carry log pi_{M_1}(y|x), recomputed here with stage 1's model."""
+    import pyarrow.parquet as pq
+
+    _, summary = two_stage
+    s1, s2 = summary["stages"]
+    rows = pq.read_table(s2["cache"]["reference"]["path"]).slice(0, 6).to_pydict()
+    ids = [rows[c] for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    m1 = AutoModelForCausalLM.from_pretrained(s1["model"])
+    expected = score_pairs(m1, *ids, device=torch.device("cpu"))
+    assert expected["chosen_logps"] == pytest.approx(rows["chosen_logps"], abs=1e-4)
+    assert expected["rejected_logps"] == pytest.approx(rows["rejected_logps"], abs=1e-4)
+    assert s2["cache"]["reference"]["num_rows"] == s2["num_pairs"]
+
+
+def test_parameters_change(two_stage):
     out, summary = two_stage
     base = weights(STORIES)
     m1, m2 = weights(out / "stages" / "1" / "model"), weights(out / "stages" / "2" / "model")
     for name in base:
         assert not torch.equal(base[name], m1[name]), f"stage 1 left {name} unchanged"
         assert not torch.equal(m1[name], m2[name]), f"stage 2 left {name} unchanged"
-    assert all(s["metrics"]["reference_unchanged"] for s in summary["stages"])
+
+
+def test_gamma_diagnostic(two_stage):
+    """gamma under the stage's reference vs the base model, recomputed from the cached passes."""
+    import pyarrow.parquet as pq
+
+    _, summary = two_stage
+    s1, s2 = summary["stages"]
+    for s in (s1, s2):
+        for role in ("ref", "base"):
+            entry = s["cache"]["reference" if role == "ref" else "base"]
+            t = pq.read_table(entry["path"], columns=["chosen_logps", "rejected_logps"])
+            gamma = t.column("chosen_logps").to_numpy() - t.column("rejected_logps").to_numpy()
+            assert len(gamma) == s["num_pairs"]
+            assert s["metrics"][f"gamma_{role}/mean"] == pytest.approx(gamma.mean(), rel=1e-9)
+            assert s["metrics"][f"gamma_{role}/median"] == pytest.approx(float(np.median(gamma)), rel=1e-9)
+            assert sum(s["gamma"][role]["counts"]) == s["num_pairs"]
+    # stage 1: the reference is the base model, one pass serves both
+    assert s1["cache"]["base"]["key"] == s1["cache"]["reference"]["key"]
+    assert s1["metrics"]["gamma_ref/mean"] == s1["metrics"]["gamma_base/mean"]
+    # stage 2: M_1 scores D_2 differently from M_0
+    assert s2["cache"]["base"]["key"] != s2["cache"]["reference"]["key"]
+    assert abs(s2["metrics"]["gamma_ref/mean"] - s2["metrics"]["gamma_base/mean"]) > 1e-3
+
+
+def test_held_out_evaluation(two_stage):
+    _, summary = two_stage
+    s1, s2 = summary["stages"]
+    names = ("loss", "reward_accuracy", "margin", "loss_vs_ref", "reward_accuracy_vs_ref", "margin_vs_ref",
+             "ranking_accuracy", "logps_chosen", "logps_rejected")
+    for s in (s1, s2):
+        for prefix in ("eval/", "before/eval/", "eval/orca/", "eval/ultrafeedback/"):
+            for n in names:
+                assert math.isfinite(s["metrics"][prefix + n]), prefix + n
+    b = s1["metrics"]
+    # before stage 1 the policy is the base model and the reference: zero margins, loss ln 2
+    assert b["before/eval/margin"] == 0 and b["before/eval/reward_accuracy"] == 0
+    assert b["before/eval/loss"] == pytest.approx(math.log(2))
+    # stage 2 starts from M_1 (init: previous) against reference M_1, but is measured against the base too
+    m2 = s2["metrics"]
+    assert m2["before/eval/margin_vs_ref"] == 0 and m2["before/eval/loss_vs_ref"] == pytest.approx(math.log(2))
+    assert m2["before/eval/ranking_accuracy"] == s1["metrics"]["eval/ranking_accuracy"]
+    assert m2["before/eval/margin"] == pytest.approx(s1["metrics"]["eval/margin"])
+    n = summary["data"]["eval"]
+    assert m2["eval/num_pairs"] == n["orca"] + n["ultrafeedback"]
+
+
+def test_report_is_written_and_matches_the_summary(two_stage):
+    out, summary = two_stage
+    assert (out / "report.md").is_file()
+    for name in ("training", "gamma", "heldout"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = stage_table(json.loads((out / "summary.json").read_text()))
+    assert table in (out / "report.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| 2 |"))
+    assert format_value(summary["stages"][1]["metrics"]["gamma_ref/mean"]) in row
+    assert format_value(summary["stages"][1]["metrics"]["eval/reward_accuracy"]) in row
 
 
 def test_init_previous_starts_at_ln2_and_metrics_are_finite(two_stage):
@@ -79,7 +154,7 @@ def test_init_previous_starts_at_ln2_and_metrics_are_finite(two_stage):
         m = s["metrics"]
         assert m["first_step_loss"] == pytest.approx(math.log(2), abs=1e-4)
         for key in ("train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen",
-                    "pairs_per_s", "tokens_per_s", "eval/ranking_accuracy", "eval/loss"):
+                    "pairs_per_s", "tokens_per_s", "eval/ranking_accuracy", "eval/loss", "gamma_ref/mean"):
             assert math.isfinite(m[key]), key
 
 
@@ -108,6 +183,65 @@ def test_final_model_loads_with_transformers(two_stage):
     assert torch.isfinite(model(input_ids=ids).logits).all()
     saved = json.loads((out / "summary.json").read_text())
     assert saved["final_model"] == summary["final_model"] and len(saved["stages"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# init: base, reference.mode: online, and the cache across stages and runs
+# --------------------------------------------------------------------------------------------------
+def twin_job(tmp_path, out):
+    """Two sources that are the same file: partitions `a` and `b` hold identical pairs (no eval split),
+    so stage 2's base-model pass on `b` is the very pass stage 1 ran on `a`."""
+    src = {"path": str(ULTRAFEEDBACK), "max_rows": 40}
+    return job(tmp_path, data={"sources": [{"name": "a"} | src, {"name": "b"} | src], "max_length": 96,
+                               "max_prompt_length": 48, "eval": {"fraction": 0.0}},
+               init="base", reference={"mode": "online", "cache_dir": str(tmp_path / "cache")},
+               scaling={"num_workers": 1}, output_dir=str(out))
+
+
+@pytest.fixture(scope="module")
+def twin_runs(ray_session, tmp_path_factory, shared):
+    tmp = tmp_path_factory.mktemp("twin")
+    first = run(twin_job(tmp, tmp / "first"), log=lambda s: None)
+    second = run(twin_job(tmp, tmp / "second"), log=lambda s: None)  # a rerun in another directory
+    return first, second
+
+
+def test_init_base_starts_above_ln2_against_a_better_reference(twin_runs):
+    """Stage 2 starts from M_0 against reference M_1, which was trained on the same pairs: the loss
+    -log sigmoid(beta * (gamma_0 - gamma_1)) starts above ln 2. Stage 1 starts at ln 2 exactly."""
+    first, _ = twin_runs
+    s1, s2 = first["stages"]
+    assert s2["init"] == str(STORIES) and s2["reference"] == s1["model"]
+    assert s1["metrics"]["first_step_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert s2["metrics"]["gamma_ref/mean"] > s2["metrics"]["gamma_base/mean"]
+    assert s2["metrics"]["first_step_loss"] > math.log(2) + 1e-3
+
+
+def test_online_reference_is_the_previous_model_and_stays_frozen(twin_runs):
+    first, _ = twin_runs
+    s1, s2 = first["stages"]
+    assert all(s["reference_mode"] == "online" and s["metrics"]["reference_unchanged"] for s in (s1, s2))
+    assert s2["metrics"]["reference_fingerprint"] == fingerprint(AutoModelForCausalLM.from_pretrained(s1["model"]))
+    assert s1["metrics"]["reference_fingerprint"] == fingerprint(AutoModelForCausalLM.from_pretrained(str(STORIES)))
+    assert "eval/loss" not in s2["metrics"], "no eval split, no held-out metrics"
+
+
+def test_cache_is_reused_within_and_across_runs(twin_runs):
+    first, second = twin_runs
+    a1, b1 = first["stages"]
+    # within a run: same base weights, same pair content (another source) -> the same entry, a hit
+    assert a1["cache"]["reference"]["status"] == "miss"
+    assert b1["cache"]["base"]["key"] == a1["cache"]["reference"]["key"]
+    assert b1["cache"]["base"]["status"] == "hit"
+    assert b1["cache"]["reference"]["status"] == "miss"  # M_1 had never scored anything
+    # across runs: a rerun hits every pass whose model is unchanged
+    a2, b2 = second["stages"]
+    assert a2["cache"]["reference"]["status"] == b2["cache"]["base"]["status"] == "hit"
+    assert a2["cache"]["reference"]["path"] == a1["cache"]["reference"]["path"]
+    # the rerun's stage 1 is bit-identical (seeded, order-preserving data), so M_1's pass hits as well
+    assert a2["model_digest"] == a1["model_digest"]
+    assert b2["cache"]["reference"]["status"] == "hit"
+    assert b2["metrics"]["gamma_ref/mean"] == b1["metrics"]["gamma_ref/mean"]
 
 
 # --------------------------------------------------------------------------------------------------

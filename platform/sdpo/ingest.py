@@ -310,6 +310,17 @@ def _with_weight(batch: pa.Table, weight: float) -> pa.Table:
     return batch.append_column("weight", pa.array(np.full(batch.num_rows, weight, np.float32)))
 
 
+def _with_order(batch: pa.Table, seed: int) -> pa.Table:
+    """A seeded pseudo-random sort key from each pair's content (splitmix64 of content_key ^ seed)."""
+    x = batch.column("content_key").to_numpy().astype(np.uint64) ^ np.uint64(seed & (2**64 - 1))
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return batch.append_column("_order", pa.array((x >> np.uint64(1)).astype(np.int64)))
+
+
 def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int, shuffle_seed: int | None,
                   with_source: bool = False, reference: str | None = None):
     """A partition as a Ray Dataset, padded with zero-weight rows to a multiple of `world_size`.
@@ -323,18 +334,24 @@ def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int,
     """
     import ray.data
 
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids"] + (["source_index"] if with_source else [])
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids", "content_key"] + (["source_index"] if with_source else [])
     if reference is None:
         base = ray.data.read_parquet(f"{data_dir}/partitions/split={split}", columns=columns)
     else:
         base = ray.data.read_parquet(
             reference, columns=columns + ["chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"]
         ).rename_columns({"chosen_logps": "ref_chosen_logps", "rejected_logps": "ref_rejected_logps"})
-    ds = base.random_shuffle(seed=shuffle_seed) if shuffle_seed is not None else base
-    ds = ds.map_batches(_with_weight, fn_kwargs={"weight": 1.0}, batch_format="pyarrow")
+    # The shuffled order is a function of the pairs and the seed alone, not of how files or blocks happen
+    # to be laid out: a seeded sort key, then one distributed sort (the cost of a random_shuffle).
+    # (shuffle: false keeps the stored order.)
+    ds = base
+    if shuffle_seed is not None:
+        ds = ds.map_batches(_with_order, fn_kwargs={"seed": shuffle_seed}, batch_format="pyarrow").sort("_order")
+        ds = ds.drop_columns(["_order"])
+    ds = ds.drop_columns(["content_key"]).map_batches(_with_weight, fn_kwargs={"weight": 1.0}, batch_format="pyarrow")
     pad = (-num_pairs) % world_size
     while pad > 0:  # a partition smaller than the padding needs its rows more than once
         take = min(pad, num_pairs)
-        ds = ds.union(base.limit(take).map_batches(_with_weight, fn_kwargs={"weight": 0.0}, batch_format="pyarrow"))
+        ds = ds.union(base.limit(take).drop_columns(["content_key"]).map_batches(_with_weight, fn_kwargs={"weight": 0.0}, batch_format="pyarrow"))
         pad -= take
     return ds
