@@ -32,6 +32,7 @@ EVAL_SPLIT = "_eval"
 UNUSED_SPLIT = "_unused"
 _CHUNK = 8 << 20
 _ROWS_PER_BLOCK = 2048
+_ROWS_PER_SORT_PARTITION = 100_000
 
 
 class DataError(ValueError):
@@ -346,7 +347,11 @@ def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int,
     # (shuffle: false keeps the stored order.)
     ds = base
     if shuffle_seed is not None:
-        ds = ds.map_batches(_with_order, fn_kwargs={"seed": shuffle_seed}, batch_format="pyarrow").sort("_order")
+        # The key is uniform on [0, 2^63): even boundaries need no sampling pass and no 200-way default.
+        parts = max(2, -(-num_pairs // _ROWS_PER_SORT_PARTITION))
+        bounds = [(i << 63) // parts for i in range(1, parts)]
+        ds = ds.map_batches(_with_order, fn_kwargs={"seed": shuffle_seed}, batch_format="pyarrow").sort(
+            "_order", boundaries=bounds)
         ds = ds.drop_columns(["_order"])
     ds = ds.drop_columns(["content_key"]).map_batches(_with_weight, fn_kwargs={"weight": 1.0}, batch_format="pyarrow")
     pad = (-num_pairs) % world_size
