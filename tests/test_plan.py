@@ -7,7 +7,16 @@ import math
 import pytest
 
 from sdpo.config import parse_job
-from sdpo.plan import BASE, PlanError, format_plan, plan_resources, plan_stages, steps_per_epoch
+from sdpo.plan import (
+    BASE,
+    PlanError,
+    ScoringPlan,
+    format_plan,
+    plan_resources,
+    plan_scoring,
+    plan_stages,
+    steps_per_epoch,
+)
 
 MINIMAL = {
     "model": {"path": "m"},
@@ -196,3 +205,122 @@ def test_explicit_request_that_just_fits_is_accepted():
                           resources_per_worker={"CPU": 2})
     assert plan.per_worker["CPU"] * 2 + plan.data_cpus == 5
     assert math.isclose(plan.per_worker["CPU"], 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring actors (reference, base-model and held-out passes)
+# --------------------------------------------------------------------------------------------------
+def test_scoring_cpu_one_actor_takes_all_but_the_data_cpu():
+    """4 CPUs, data_cpus=1 kept for Ray Data -> one actor with 4 - 1 = 3 CPUs, 3 threads, fp32."""
+    plan = plan_scoring({"CPU": 4}, use_gpu=False, data_cpus=1)
+    assert plan == ScoringPlan(actors=1, num_cpus=3.0, num_gpus=0.0, threads=3, precision="fp32")
+
+
+def test_scoring_cpu_two_cpus():
+    """2 CPUs - 1 for Ray Data -> one actor with 1 CPU, 1 thread."""
+    plan = plan_scoring({"CPU": 2}, use_gpu=False, data_cpus=1)
+    assert plan == ScoringPlan(actors=1, num_cpus=1.0, num_gpus=0.0, threads=1, precision="fp32")
+
+
+@pytest.mark.parametrize("cpus, data_cpus, expected", [
+    (4, 0, 3.0),  # Ray Data always keeps at least one CPU: 4 - max(0, 1) = 3, not 4
+    (4, 0.5, 3.0),  # 4 - max(0.5, 1) = 3
+    (8, 2, 6.0),  # 8 - 2 = 6
+    (1.5, 1, 0.5),  # 1.5 - 1 = 0.5, the smallest share an actor is given
+])
+def test_scoring_cpu_share_keeps_at_least_one_cpu_for_ray_data(cpus, data_cpus, expected):
+    plan = plan_scoring({"CPU": cpus}, use_gpu=False, data_cpus=data_cpus)
+    assert (plan.actors, plan.num_cpus) == (1, expected)
+    assert plan.threads == max(1, int(expected))
+
+
+def test_scoring_cpu_several_actors_split_the_share():
+    """8 CPUs - 1 for Ray Data = 7, over 2 actors -> 3.5 CPUs each, int(3.5) = 3 threads."""
+    plan = plan_scoring({"CPU": 8}, use_gpu=False, data_cpus=1, num_actors=2)
+    assert (plan.actors, plan.num_cpus, plan.threads) == (2, 3.5, 3)
+
+
+def test_scoring_cpu_explicit_cpus_per_actor():
+    """3 actors x 2 CPUs + 1 for Ray Data = 7 <= 8."""
+    plan = plan_scoring({"CPU": 8}, use_gpu=False, data_cpus=1, num_actors=3, num_cpus_per_actor=2)
+    assert (plan.actors, plan.num_cpus, plan.num_gpus, plan.threads) == (3, 2, 0.0, 2)
+
+
+def test_scoring_gpu_one_actor_per_gpu():
+    """16 CPUs, 4 GPUs -> 4 actors x (1 GPU, 1 CPU), bf16; 4 CPUs + 1 for Ray Data <= 16."""
+    plan = plan_scoring({"CPU": 16, "GPU": 4}, use_gpu=True, data_cpus=1)
+    assert plan == ScoringPlan(actors=4, num_cpus=1.0, num_gpus=1.0, threads=1, precision="bf16")
+
+
+def test_scoring_gpu_explicit_actor_count():
+    plan = plan_scoring({"CPU": 16, "GPU": 4}, use_gpu=True, data_cpus=1, num_actors=2)
+    assert (plan.actors, plan.num_gpus, plan.num_cpus, plan.precision) == (2, 1.0, 1.0, "bf16")
+
+
+def test_scoring_gpu_fractional_and_multi_gpu_actors():
+    """0.5 GPU each on 2 GPUs -> 2 // 0.5 = 4 actors; 2 GPUs each on 3 GPUs -> 3 // 2 = 1 actor."""
+    half = plan_scoring({"CPU": 16, "GPU": 2}, use_gpu=True, data_cpus=1, num_gpus_per_actor=0.5)
+    assert (half.actors, half.num_gpus) == (4, 0.5)
+    double = plan_scoring({"CPU": 16, "GPU": 3}, use_gpu=True, data_cpus=1, num_gpus_per_actor=2)
+    assert (double.actors, double.num_gpus) == (1, 2)
+
+
+def test_scoring_without_use_gpu_stays_on_cpu_on_a_gpu_cluster():
+    plan = plan_scoring({"CPU": 4, "GPU": 2}, use_gpu=False, data_cpus=1)
+    assert (plan.actors, plan.num_gpus, plan.num_cpus, plan.precision) == (1, 0.0, 3.0, "fp32")
+
+
+@pytest.mark.parametrize("cluster, kwargs", [
+    ({"CPU": 16, "GPU": 4}, dict(num_actors=5)),  # 5 x 1 GPU > 4
+    ({"CPU": 16, "GPU": 4}, dict(num_actors=3, num_gpus_per_actor=2)),  # 3 x 2 = 6 > 4
+    ({"CPU": 16}, dict()),  # use_gpu on a cluster without GPUs: 1 actor x 1 GPU > 0
+])
+def test_scoring_too_many_gpus_names_the_key(cluster, kwargs):
+    with pytest.raises(PlanError) as info:
+        plan_scoring(cluster, use_gpu=True, data_cpus=1, **kwargs)
+    assert "reference.num_actors" in str(info.value)
+    assert "GPU" in str(info.value)
+
+
+@pytest.mark.parametrize("cluster, kwargs", [
+    ({"CPU": 1}, dict(use_gpu=False)),  # share max(0.5, 1 - 1) = 0.5, + 1 kept = 1.5 > 1
+    ({"CPU": 4}, dict(use_gpu=False, num_actors=4, num_cpus_per_actor=1)),  # 4 + 1 = 5 > 4
+    ({"CPU": 2}, dict(use_gpu=False, num_actors=3)),  # max(0.5, 1/3) = 0.5 each: 1.5 + 1 = 2.5 > 2
+    ({"CPU": 4, "GPU": 4}, dict(use_gpu=True)),  # 4 actors x 1 CPU + 1 kept = 5 > 4
+    ({}, dict(use_gpu=False)),
+])
+def test_scoring_refuses_to_leave_ray_data_no_cpu(cluster, kwargs):
+    with pytest.raises(PlanError) as info:
+        plan_scoring(cluster, data_cpus=1, **kwargs)
+    assert "Ray Data" in str(info.value)
+    assert "reference.num_actors" in str(info.value)
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_scoring_explicit_precision_passes_through(use_gpu, precision):
+    plan = plan_scoring({"CPU": 16, "GPU": 2}, use_gpu=use_gpu, data_cpus=1, precision=precision)
+    assert plan.precision == precision
+
+
+def test_scoring_plans_always_fit_the_cluster():
+    """Over a grid: a returned plan never asks for more than the cluster has once Ray Data keeps
+    max(data_cpus, 1) CPUs; a refusal is a PlanError naming reference.num_actors."""
+    grid = itertools.product([0, 1, 1.5, 2, 4, 7, 16], [0, 1, 2, 8], [0, 0.5, 1, 3], [None, 1, 2, 5], [False, True])
+    planned = refused = 0
+    for cpus, gpus, data_cpus, actors, use_gpu in grid:
+        case = f"cpus={cpus} gpus={gpus} data_cpus={data_cpus} actors={actors} use_gpu={use_gpu}"
+        try:
+            plan = plan_scoring({"CPU": cpus, "GPU": gpus}, use_gpu=use_gpu, data_cpus=data_cpus, num_actors=actors)
+        except PlanError as err:
+            assert "reference.num_actors" in str(err), case
+            refused += 1
+            continue
+        assert plan.actors >= 1, case
+        assert plan.actors * plan.num_cpus + max(data_cpus, 1) <= cpus + 1e-9, case
+        assert plan.actors * plan.num_gpus <= gpus + 1e-9, case
+        assert (plan.num_gpus > 0) == use_gpu, case
+        assert plan.precision == ("bf16" if use_gpu else "fp32"), case
+        assert plan.threads == max(1, int(plan.num_cpus)), case
+        planned += 1
+    assert planned > 50 and refused > 50

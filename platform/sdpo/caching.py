@@ -27,6 +27,8 @@ SCORER_VERSION = "1"  # bump when the scorer's numerics change: every old entry 
 MARKER = "_COMPLETE.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _MODEL_FILES = ("config.json", "generation_config.json")
+# trainer state that sits beside weights in checkpoint folders: not the model
+_NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,10 +62,13 @@ def model_digest(path: str, revision: str | None = None) -> str | None:
 
     fs, root = fsspec.core.url_to_fs(path)
     if fs.isdir(root):
-        files = sorted(
-            f for f in fs.find(root)
-            if f.endswith(_WEIGHT_SUFFIXES) or posixpath.basename(f) in _MODEL_FILES
-        )
+        def counts(f: str) -> bool:
+            name = posixpath.basename(f)
+            if name in _MODEL_FILES:
+                return True
+            return f.endswith(_WEIGHT_SUFFIXES) and not name.startswith(_NOT_WEIGHTS)
+
+        files = sorted(f for f in fs.find(root) if counts(f))
         if not any(f.endswith(_WEIGHT_SUFFIXES) for f in files):
             return None
         h = hashlib.sha256()
@@ -118,9 +123,10 @@ def read_marker(path: str) -> dict | None:
         return None
     try:
         with fs.open(marker, "r") as f:
-            return json.load(f)
+            meta = json.load(f)
     except (OSError, ValueError):
         return None
+    return meta if isinstance(meta, dict) else None
 
 
 def write_marker(path: str, meta: dict) -> None:

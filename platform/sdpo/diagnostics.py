@@ -44,6 +44,10 @@ def gamma_summary(ref: np.ndarray | None, base: np.ndarray | None, bins: int = 5
     """Flat metrics (`gamma_ref/mean`, ...) and histograms on shared edges, so the two overlay."""
     present = {name: np.asarray(g, np.float64) for name, g in (("ref", ref), ("base", base)) if g is not None}
     metrics = {f"gamma_{name}/{k}": v for name, g in present.items() for k, v in gamma_stats(g).items()}
+    for name, g in present.items():
+        if not np.isfinite(g).all():  # a broken pair shows up in the count, not as a meaningless histogram
+            metrics[f"gamma_{name}/non_finite"] = float((~np.isfinite(g)).sum())
+    present = {name: g[np.isfinite(g)] for name, g in present.items()}
     values = np.concatenate([g for g in present.values() if g.size] or [np.zeros(0)])
     hists = {}
     if values.size:
