@@ -53,6 +53,22 @@ def test_content_key_any_iterable_gives_the_same_key():
     assert content_key(*PAIR) == ref  # deterministic within the process
 
 
+def test_content_key_of_rows_with_rewards_or_responses():
+    """A plain pair keeps its pinned key (empty responses/rewards add nothing); rewards, a response
+    or the order of responses are content: each changes the key."""
+    ref = content_key(*PAIR)
+    assert content_key(*PAIR, responses=[], rewards=[]) == ref
+    scored = content_key(*PAIR, rewards=[8.0, 3.0])
+    group = content_key(*PAIR, responses=[PAIR[1], PAIR[2], [9]], rewards=[8.0, 3.0, 1.0])
+    variants = [
+        scored, content_key(*PAIR, rewards=[8.0, 3.5]), group,
+        content_key(*PAIR, responses=[PAIR[1], PAIR[2], [9]], rewards=[8.0, 3.0, 0.5]),
+        content_key(*PAIR, responses=[PAIR[2], PAIR[1], [9]], rewards=[8.0, 3.0, 1.0]),
+        content_key(*PAIR, responses=[PAIR[1], PAIR[2], [9, 9]], rewards=[8.0, 3.0, 1.0]),
+    ]
+    assert len({ref, *variants}) == 1 + len(variants)
+
+
 @pytest.mark.parametrize("part", [0, 1, 2])
 def test_content_key_changes_with_any_token(part):
     """Changing, appending or dropping one token of prompt, chosen or rejected changes the key."""

@@ -62,10 +62,15 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
     assert "YAML mapping" in load_error(tmp_path, "- a\n- b\n")
 
 
+def test_unknown_loss_option_is_named_with_the_options_the_loss_takes(tmp_path):
+    """`loss` holds the loss's own options, so a typo there is an unknown option of that loss."""
+    text = load_error(tmp_path, job_dict(loss={"betta": 0.1}))
+    assert "loss:" in text and "'betta'" in text and "label_smoothing" in text
+
+
 @pytest.mark.parametrize("raw, key", [
     (job_dict(modle={"path": "m"}), "modle"),
     (job_dict(training={"lr": 1e-6}), "training.lr"),
-    (job_dict(loss={"betta": 0.1}), "loss.betta"),
     (job_dict(data={"sources": [{"name": "a", "path": "a.jsonl", "maxrows": 3}]}), "data.sources.0.maxrows"),
 ])
 def test_unknown_key_is_named_with_its_dotted_path(tmp_path, raw, key):
@@ -230,3 +235,33 @@ def test_num_partitions_natural_counts_all_sources():
     job = parse_job(raw)
     assert job.num_partitions() == 3
     assert job.data.sources[2].paths == ["c1.jsonl", "c2.parquet"]
+
+
+def test_loss_options_are_the_losses_own(tmp_path):
+    job = load_job(write(tmp_path, job_dict(loss={"type": "dpop", "beta": 0.2, "dpop_lambda": 10})))
+    assert (job.loss.type, job.loss.beta, job.loss.options) == ("dpop", 0.2, {"dpop_lambda": 10.0})
+    assert load_job(write(tmp_path, job_dict(loss={"type": "robust"}))).loss.options == {"label_smoothing": 0.1}
+    assert "unknown loss type 'dpo'" in load_error(tmp_path, job_dict(loss={"type": "dpo"}))
+    text = load_error(tmp_path, job_dict(loss={"type": "robust", "label_smoothing": 0.5}))
+    assert "label_smoothing" in text and "[0.0, 0.5)" in text
+
+
+def test_stage_losses_merge_over_the_job_loss(tmp_path):
+    """Same type: the stage's keys over the job's (options kept). Another type: that loss's defaults, the
+    job's beta unless the stage sets it."""
+    job = load_job(write(tmp_path, job_dict(
+        loss={"type": "sigmoid", "beta": 0.2, "label_smoothing": 0.1},
+        stages=[{}, {"loss": {"beta": 0.3}}, {"loss": {"type": "ipo"}}, {"beta": 0.05, "loss": {"type": "hinge"}}],
+        partitioning={"strategy": "random", "num_parts": 4})))
+    losses = [job.stage_loss(i) for i in range(4)]
+    assert [(x.type, x.beta, x.options) for x in losses] == [
+        ("sigmoid", 0.2, {"label_smoothing": 0.1}), ("sigmoid", 0.3, {"label_smoothing": 0.1}),
+        ("ipo", 0.2, {}), ("hinge", 0.05, {}),
+    ]
+
+
+def test_stage_loss_errors_name_the_stage(tmp_path):
+    assert "stages[1].loss" in load_error(tmp_path, job_dict(stages=[{}, {"loss": {"type": "nope"}}]))
+    text = load_error(tmp_path, job_dict(stages=[{"loss": {"type": "ipo", "label_smoothing": 0.1}}, {}]))
+    assert "stages[0].loss" in text and "label_smoothing" in text
+    assert "either beta or loss.beta" in load_error(tmp_path, job_dict(stages=[{"beta": 0.1, "loss": {"beta": 0.2}}, {}]))

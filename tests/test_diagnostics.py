@@ -129,6 +129,14 @@ def test_eval_rows_sigmoid_hand_computed():
     assert r["ranking_accuracy"].tolist() == [1.0, 0.0]
     assert r["logps_chosen"].tolist() == [-10.0, -20.0]
     assert r["logps_rejected"].tolist() == [-12.0, -18.0]
+
+
+def test_eval_rows_ipo_uses_per_token_means():
+    """ipo ships with mean_logps: rho on means as above (vs ref 0.75, -0.4; vs base 1, -1.2), beta 0.1 ->
+    (rho - 1/(2*0.1))^2 = (0.75 - 5)^2 = 18.0625, (-0.4 - 5)^2 = 29.16; vs base (1 - 5)^2 = 16, (-6.2)^2 = 38.44."""
+    r = eval_rows(POLICY, REF, BASE, TOKENS, loss_type="ipo", beta=0.1, options={})
+    assert r["loss_vs_ref"] == pytest.approx([18.0625, 29.16])
+    assert r["loss"] == pytest.approx([16.0, 38.44])
     assert all(r[k].dtype == np.float64 and r[k].shape == (2,) for k in EVAL_METRICS)
 
 
@@ -170,7 +178,8 @@ def test_eval_rows_mean_aggregation_divides_by_token_counts(monkeypatch):
     vs base: pair 0: (-2.5 + 3.5) - (-6 + 6) = 1                 -> margin 0.1,  loss log(1.904837) = 0.644397
              pair 1: (-20 + 19) - (-3.6 + 3.8) = -1 - 0.2 = -1.2  -> margin -0.12, loss log(2.127497) = 0.754946
     ranking and logps stay on the sums: [1, 0], [-10, -20], [-12, -18]."""
-    spec = losses.LossSpec("mean_sigmoid", losses.LOSSES["sigmoid"].fn, options=("label_smoothing",), mean_logps=True)
+    spec = losses.LossSpec("mean_sigmoid", losses.LOSSES["sigmoid"].fn, "sigmoid on means",
+                           options=losses.LOSSES["sigmoid"].options, mean_logps=True)
     monkeypatch.setitem(losses.LOSSES, "mean_sigmoid", spec)
     r = eval_rows(POLICY, REF, BASE, TOKENS, loss_type="mean_sigmoid", beta=0.1, options={})
     assert r["margin_vs_ref"] == pytest.approx([0.075, -0.04])

@@ -4,7 +4,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sdpo.logprobs import collate_pairs, sequence_logps, split_pairs, token_logps_sum
+from sdpo.logprobs import (
+    collate_groups,
+    collate_pairs,
+    row_groups,
+    sequence_logps,
+    split_pairs,
+    to_groups,
+    token_logps_sum,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +85,32 @@ def test_prompt_and_padding_do_not_count():
 def test_weights_default_to_one_and_are_carried():
     assert collate_pairs([[1]], [[2]], [[3]])["weights"].tolist() == [1.0]
     assert collate_pairs([[1], [1]], [[2], [2]], [[3], [4]], weights=[1.0, 0.0])["weights"].tolist() == [1.0, 0.0]
+
+
+GROUPS = [  # (prompt, K completions): K = 3 and K = 2 in one batch
+    ([1, 5, 6], [[8, 9, 2], [10, 2], [11, 12, 13, 14, 2]]),
+    ([1, 20, 21, 22], [[25, 2], [26, 27, 2]]),
+]
+
+
+def test_groups_collate_every_response_and_index_the_b_by_k_view(model):
+    """Row 0 has 3 responses, row 1 has 2: the [2, 3] view has slot (1, 2) masked; each real slot holds
+    exactly the log-prob of its own prompt + response computed on its own."""
+    prompts = [g[0] for g in GROUPS]
+    batch = collate_groups(prompts, [g[1] for g in GROUPS], weights=[1.0, 0.0])
+    assert batch["input_ids"].shape[0] == 5
+    assert batch["group_mask"].tolist() == [[True, True, True], [True, True, False]]
+    assert batch["group_index"].tolist() == [0, 1, 2, 3, 4]
+    assert batch["weights"].tolist() == [1.0, 0.0]
+    with torch.no_grad():
+        view = to_groups(sequence_logps(model, batch), batch, fill=float("nan"))
+    for b, (prompt, responses) in enumerate(GROUPS):
+        for k, completion in enumerate(responses):
+            assert view[b, k].item() == pytest.approx(direct_logp(model, prompt, completion), abs=1e-4)
+    assert torch.isnan(view[1, 2])
+
+
+def test_pair_rows_form_two_response_groups():
+    assert row_groups([[1]], [[2]], [[]]) == [[[1], [2]]]
+    assert row_groups([[1]], [[2]], [None]) == [[[1], [2]]]
+    assert row_groups([[1]], [[2]], [[[3], [1], [2]]]) == [[[3], [1], [2]]]

@@ -118,14 +118,68 @@ def test_valid_pairs_report_their_format():
     ("score_chosen", "0.5"), ("score_rejected", True), ("score_chosen", [1.0]),
 ])
 def test_scores_must_be_finite_numbers(field, value):
+    both = {"score_chosen": 1.0, "score_rejected": 0.0, field: value}
     with pytest.raises(RowError, match=f"field '{field}' must be a finite number"):
-        validate_scores(with_(STANDARD, **{field: value}))
+        validate_scores(with_(STANDARD, **both))
+
+
+@pytest.mark.parametrize("given, missing", [("score_chosen", "score_rejected"), ("score_rejected", "score_chosen")])
+def test_one_score_without_the_other_is_rejected(given, missing):
+    with pytest.raises(RowError, match=f"'{given}' is given but '{missing}' is missing"):
+        validate_scores(with_(STANDARD, **{given: 1.0}))
 
 
 def test_finite_or_absent_scores_are_fine():
-    validate_scores(with_(STANDARD, score_chosen=9, score_rejected=-1.5))
-    validate_scores(with_(STANDARD, score_chosen=None))
-    validate_scores(STANDARD)
+    assert validate_scores(with_(STANDARD, score_chosen=9, score_rejected=-1.5)) == [9.0, -1.5]
+    assert validate_scores(with_(STANDARD, score_chosen=None, score_rejected=None)) == []
+    assert validate_scores(STANDARD) == []
+
+
+def test_scored_pair_carries_its_rewards(tok):
+    pair = prepare(json.dumps(with_(STANDARD, score_chosen=8.5, score_rejected=3)), tok)
+    assert pair.rewards == [8.5, 3.0] and pair.responses_ids == [] and (pair.chosen_index, pair.rejected_index) == (0, 1)
+    assert prepare(json.dumps(STANDARD), tok).rewards == []
+
+
+GROUP = {"prompt": "Name a colour.", "responses": ["Blue.", "I will not.", "Red, or maybe blue."],
+         "rewards": [7.0, 1.0, 9.0]}
+
+
+def test_k_response_row_binarises_to_best_and_worst(tok):
+    """rewards [7, 1, 9]: chosen = responses[2] (9), rejected = responses[1] (1); all three are kept."""
+    pair = prepare(json.dumps(GROUP), tok)
+    assert len(pair.responses_ids) == 3 and pair.rewards == [7.0, 1.0, 9.0]
+    assert (pair.chosen_index, pair.rejected_index) == (2, 1)
+    assert pair.chosen_ids == pair.responses_ids[2] and pair.rejected_ids == pair.responses_ids[1]
+    assert all(ids[-1] == tok.eos_token_id for ids in pair.responses_ids)
+    for ids, text in zip(pair.responses_ids, GROUP["responses"], strict=True):
+        assert ids[:-1] == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_conversational_k_response_row(tok):
+    row = {"prompt": [{"role": "user", "content": "Hi"}],
+           "responses": [[{"role": "assistant", "content": "Hello!"}], [{"role": "assistant", "content": "Go away."}]],
+           "rewards": [1, 0]}
+    pair = prepare(json.dumps(row), tok)
+    assert tok.decode(pair.chosen_ids).startswith("Hello!") and tok.decode(pair.rejected_ids).startswith("Go away.")
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"rewards": None}, "missing field 'rewards'"),
+    ({"rewards": [1.0, 2.0]}, "must be a list of 3 numbers"),
+    ({"rewards": [1.0, math.nan, 2.0]}, "rewards[1] must be a finite number"),
+    ({"rewards": [1.0, "2", 2.0]}, "rewards[1] must be a finite number"),
+    ({"rewards": [2.0, 2.0, 2.0]}, "all rewards are equal"),
+    ({"responses": ["only one"], "rewards": [1.0]}, "at least 2 completions"),
+    ({"responses": ["a", "", "c"]}, "field 'responses[1]' is empty"),
+    ({"responses": ["a", [{"role": "assistant", "content": "b"}], "c"]}, "mix plain strings and message lists"),
+    ({"chosen": "x"}, "either 'chosen'/'rejected' or 'responses'/'rewards'"),
+])
+def test_invalid_k_response_rows(tok, change, reason):
+    row = {**GROUP, **change}
+    with pytest.raises(RowError) as info:
+        prepare(json.dumps(row), tok)
+    assert reason in str(info.value)
 
 
 def test_prepare_record_surfaces_every_check(tok):
@@ -135,7 +189,10 @@ def test_prepare_record_surfaces_every_check(tok):
     with pytest.raises(RowError, match="missing field 'chosen'"):
         prepare('{"prompt": "p", "rejected": "r"}', tok)
     with pytest.raises(RowError, match="'score_chosen' must be a finite number"):
-        prepare(json.dumps(with_(STANDARD, score_chosen=math.nan)), tok)  # json writes NaN, reads it back
+        # json writes NaN, reads it back
+        prepare(json.dumps(with_(STANDARD, score_chosen=math.nan, score_rejected=1.0)), tok)
+    with pytest.raises(RowError, match="'score_rejected' is missing"):
+        prepare(json.dumps(with_(STANDARD, score_chosen=1.0)), tok)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,13 +34,23 @@ _NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler
 # --------------------------------------------------------------------------------------------------
 # Data content
 # --------------------------------------------------------------------------------------------------
-def content_key(prompt: Iterable[int], chosen: Iterable[int], rejected: Iterable[int]) -> int:
-    """A 63-bit digest of one pair's token ids (what a model actually scores)."""
+def content_key(prompt: Iterable[int], chosen: Iterable[int], rejected: Iterable[int], *,
+                responses: Iterable[Iterable[int]] = (), rewards: Iterable[float] = ()) -> int:
+    """A 63-bit digest of one row's token ids (what a model actually scores) and its explicit rewards
+    (K-response rows, scored pairs); a plain pair's key depends on its three id lists alone."""
     h = hashlib.blake2b(digest_size=8)
     for ids in (prompt, chosen, rejected):
         arr = np.asarray(list(ids), dtype=np.int32)
         h.update(len(arr).to_bytes(4, "little"))
         h.update(arr.tobytes())
+    responses, rewards = [list(r) for r in responses], list(rewards)
+    if responses or rewards:
+        h.update(b"group" + len(responses).to_bytes(4, "little"))
+        for ids in responses:
+            arr = np.asarray(ids, dtype=np.int32)
+            h.update(len(arr).to_bytes(4, "little"))
+            h.update(arr.tobytes())
+        h.update(np.asarray(rewards, dtype=np.float64).tobytes())
     return int.from_bytes(h.digest(), "little") >> 1
 
 
@@ -90,10 +100,13 @@ def model_digest(path: str, revision: str | None = None) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Keys and entries
 # --------------------------------------------------------------------------------------------------
-def pass_key(*, model: str, data: str, tokenization: dict[str, Any], precision: str) -> str:
-    """The cache key of one scoring pass. Every argument is an input of the result."""
+def pass_key(*, model: str, data: str, tokenization: dict[str, Any], precision: str, groups: bool = False) -> str:
+    """The cache key of one scoring pass. Every argument is an input of the result (`groups`: every
+    response of K-response rows is scored, for the listwise losses)."""
     payload = {"scorer": SCORER_VERSION, "model": model, "data": data, "tokenization": tokenization,
                "precision": precision}
+    if groups:  # absent for pair passes, so existing keys stay valid
+        payload["groups"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 

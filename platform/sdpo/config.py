@@ -122,12 +122,38 @@ class PartitioningConfig(_Strict):
 # --------------------------------------------------------------------------------------------------
 # Loss, optimisation, stages
 # --------------------------------------------------------------------------------------------------
-class LossConfig(_Strict):
-    type: Literal["sigmoid"] = Field("sigmoid", description="Preference loss (see README's loss table).")
+class LossConfig(BaseModel):
+    """`{type, beta, ...options}`: the options are the loss's own (see `sdpo.losses.LOSSES`), checked by name
+    and range against the registry, so an option the loss does not take is an error."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: str = Field("sigmoid", description="Preference loss (see README's loss table).")
     beta: PositiveFloat = 0.1
-    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(
-        0.0, description="Assumed label-flip rate (cDPO); 0 = plain DPO."
-    )
+
+    @model_validator(mode="after")
+    def _known(self) -> LossConfig:
+        from sdpo.losses import LOSSES, resolve_options
+
+        if self.type not in LOSSES:
+            raise ValueError(f"unknown loss type {self.type!r}; choose one of {sorted(LOSSES)}")
+        try:
+            resolve_options(self.type, dict(self.model_extra or {}))
+        except ValueError as err:
+            raise ValueError(f"{err} (every loss also takes type and beta)") from None
+        return self
+
+    @property
+    def options(self) -> dict[str, float]:
+        """The loss's options, defaults filled in."""
+        from sdpo.losses import resolve_options
+
+        return resolve_options(self.type, dict(self.model_extra or {}))
+
+    @property
+    def spec(self):
+        from sdpo.losses import get_loss
+
+        return get_loss(self.type)
 
 
 class TrainingConfig(_Strict):
@@ -153,6 +179,16 @@ class StageOverride(_Strict):
     beta: PositiveFloat | None = None
     learning_rate: PositiveFloat | None = None
     epochs: int | None = Field(None, gt=0)
+    loss: dict[str, Any] | None = Field(
+        None, description="The stage's loss: keys over the job's `loss`; a different `type` starts from that "
+        "loss's defaults (beta still inherited)."
+    )
+
+    @model_validator(mode="after")
+    def _one_beta(self) -> StageOverride:
+        if self.beta is not None and self.loss and "beta" in self.loss:
+            raise ValueError("give the stage's beta once: either beta or loss.beta")
+        return self
 
 
 class ReferenceConfig(_Strict):
@@ -220,6 +256,29 @@ class JobConfig(_Strict):
         if p.proportions == "natural" and p.num_parts not in (None, len(names)):
             raise ValueError("proportions: natural gives one part per source; drop num_parts")
         return self
+
+    @model_validator(mode="after")
+    def _stage_losses(self) -> JobConfig:
+        for i in range(len(self.stages or [])):
+            self.stage_loss(i)
+        return self
+
+    def stage_loss(self, i: int) -> LossConfig:
+        """The loss of stage i+1: the job's loss with the stage's overrides."""
+        o = (self.stages or [])[i] if i < len(self.stages or []) else None
+        if o is None or (o.loss is None and o.beta is None):
+            return self.loss
+        raw = self.loss.model_dump()
+        if o.loss and o.loss.get("type", self.loss.type) != self.loss.type:
+            raw = {"type": o.loss["type"], "beta": self.loss.beta}  # another loss: the job's options don't apply
+        raw |= dict(o.loss or {})
+        if o.beta is not None:
+            raw["beta"] = o.beta
+        try:
+            return LossConfig.model_validate(raw)
+        except ValidationError as err:
+            msg = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+            raise ValueError(f"stages[{i}].loss: {msg}") from None
 
     def num_partitions(self) -> int:
         p = self.partitioning

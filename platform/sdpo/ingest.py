@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from ray.data.datasource import FileBasedDatasource
 
 from sdpo.caching import content_key, multiset_digest
@@ -150,8 +151,9 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
 def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
     """Raw rows -> token ids and hash keys; bad rows keep `raw` and get a `reason`."""
     tok = load_tokenizer(settings.path, settings.revision, settings.trust_remote_code)
-    cols = {k: [] for k in ("reason", "raw", "prompt_ids", "chosen_ids", "rejected_ids",
-                            "eval_key", "split_key", "content_key", "num_tokens")}
+    cols = {k: [] for k in ("reason", "raw", "prompt_ids", "chosen_ids", "rejected_ids", "responses_ids",
+                            "rewards", "chosen_index", "rejected_index", "eval_key", "split_key", "content_key",
+                            "num_tokens")}
     for src, path, line, raw in zip(*(batch.column(c).to_pylist() for c in ("source", "file", "line", "raw")),
                                     strict=True):
         name = file_identity(path, settings.roots[src])
@@ -161,16 +163,21 @@ def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
             pair = prepare_record(raw, tok, max_length=settings.max_length,
                                   max_prompt_length=settings.max_prompt_length, eos_id=settings.eos_id)
             reason, ids, keep_raw = "", (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids), ""
+            group = (pair.responses_ids, pair.rewards, pair.chosen_index, pair.rejected_index)
         except RowError as err:
             reason, ids, keep_raw = str(err), ([], [], []), raw
+            group = ([], [], 0, 1)
         for col, value in zip(("prompt_ids", "chosen_ids", "rejected_ids"), ids, strict=True):
+            cols[col].append(value)
+        for col, value in zip(("responses_ids", "rewards", "chosen_index", "rejected_index"), group, strict=True):
             cols[col].append(value)
         cols["reason"].append(reason)
         cols["raw"].append(keep_raw)
         cols["eval_key"].append(eval_key)
         cols["split_key"].append(split_key)
-        cols["content_key"].append(content_key(*ids))
-        cols["num_tokens"].append(2 * len(ids[0]) + len(ids[1]) + len(ids[2]))
+        cols["content_key"].append(content_key(*ids, responses=group[0], rewards=group[1]))
+        completions = group[0] or ids[1:]
+        cols["num_tokens"].append(len(completions) * len(ids[0]) + sum(len(c) for c in completions))
     ids_type = pa.list_(pa.int32())
     return pa.table({
         "source": batch.column("source"), "file": batch.column("file"), "line": batch.column("line"),
@@ -179,6 +186,10 @@ def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
         "prompt_ids": pa.array(cols["prompt_ids"], ids_type),
         "chosen_ids": pa.array(cols["chosen_ids"], ids_type),
         "rejected_ids": pa.array(cols["rejected_ids"], ids_type),
+        "responses_ids": pa.array(cols["responses_ids"], pa.list_(ids_type)),
+        "rewards": pa.array(cols["rewards"], pa.list_(pa.float64())),
+        "chosen_index": pa.array(cols["chosen_index"], pa.int32()),
+        "rejected_index": pa.array(cols["rejected_index"], pa.int32()),
         "eval_key": pa.array(cols["eval_key"], pa.int64()),
         "split_key": pa.array(cols["split_key"], pa.int64()),
         "content_key": pa.array(cols["content_key"], pa.int64()),
@@ -255,8 +266,9 @@ def prepare(sources: list, files: dict[str, list[str]], data_dir: str, settings:
     ).write_parquet(prepared)
 
     report = IngestReport()
-    keys: dict[str, tuple[list, list, list]] = {s.name: ([], [], []) for s in sources}
-    cols = ["source", "file", "line", "reason", "raw", "eval_key", "split_key", "content_key", "num_tokens"]
+    keys: dict[str, tuple[list, ...]] = {s.name: ([], [], [], []) for s in sources}
+    cols = ["source", "file", "line", "reason", "raw", "eval_key", "split_key", "content_key", "num_tokens",
+            "rewards"]
     with open(rejected_path, "w") as out:
         for batch in ray.data.read_parquet(prepared, columns=cols).iter_batches(batch_format="pyarrow"):
             reasons = batch.column("reason").to_pylist()
@@ -270,15 +282,18 @@ def prepare(sources: list, files: dict[str, list[str]], data_dir: str, settings:
             report.rows.update(srcs.tolist())
             ek, sk = batch.column("eval_key").to_numpy(), batch.column("split_key").to_numpy()
             ck = batch.column("content_key").to_numpy()
+            scored = np.asarray(pc.list_value_length(batch.column("rewards")).to_numpy(zero_copy_only=False)) > 0
             report.tokens += int(batch.column("num_tokens").to_numpy()[ok].sum())
             for name in np.unique(srcs[ok]):
                 sel = ok & (srcs == name)
                 keys[name][0].append(ek[sel])
                 keys[name][1].append(sk[sel])
                 keys[name][2].append(ck[sel])
+                keys[name][3].append(scored[sel])
                 report.valid[name] += int(sel.sum())
     as_arrays = {
-        name: tuple(np.concatenate(k) if k else np.empty(0, np.int64) for k in pair) for name, pair in keys.items()
+        name: tuple(np.concatenate(k) if k else np.empty(0, np.int64 if i < 3 else bool) for i, k in enumerate(pair))
+        for name, pair in keys.items()
     }
     return report, as_arrays
 
@@ -286,13 +301,24 @@ def prepare(sources: list, files: dict[str, list[str]], data_dir: str, settings:
 def partition_digests(spec: PartitionSpec, keys: dict[str, tuple[np.ndarray, ...]]) -> dict[str, str]:
     """Content digest of every partition and of the held-out split (the pairs' token ids, any order)."""
     members: dict[str, list[np.ndarray]] = {}
-    for src, (ek, sk, ck) in keys.items():
+    for src, (ek, sk, ck, *_) in keys.items():
         parts = spec.assign(np.full(len(ek), src, dtype=object), ek, sk)
         for p in np.unique(parts):
             if p == UNUSED:
                 continue
             members.setdefault(EVAL_SPLIT if p == EVAL else spec.names[p], []).append(ck[parts == p])
     return {name: multiset_digest(np.concatenate(arrs)) for name, arrs in members.items()}
+
+
+def missing_rewards(spec: PartitionSpec, keys: dict[str, tuple[np.ndarray, ...]]) -> dict[str, dict[str, int]]:
+    """Per partition, per source: how many of its pairs carry no explicit rewards."""
+    out: dict[str, dict[str, int]] = {}
+    for src, (ek, sk, _, scored) in keys.items():
+        parts = spec.assign(np.full(len(ek), src, dtype=object), ek, sk)
+        for p in np.unique(parts[~scored]):
+            if p not in (UNUSED, EVAL):
+                out.setdefault(spec.names[p], {})[src] = int(((parts == p) & ~scored).sum())
+    return out
 
 
 def write_partitions(data_dir: str, spec: PartitionSpec, source_names: list[str]) -> None:
@@ -323,11 +349,13 @@ def _with_order(batch: pa.Table, seed: int) -> pa.Table:
 
 
 def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int, shuffle_seed: int | None,
-                  with_source: bool = False, reference: str | None = None):
+                  with_source: bool = False, reference: str | None = None, groups: bool = False):
     """A partition as a Ray Dataset, padded with zero-weight rows to a multiple of `world_size`.
 
     With `reference` (a scored entry of this partition, see passes.py) the rows come from there and
-    carry `ref_chosen_logps`, `ref_rejected_logps` and the completion token counts.
+    carry `ref_chosen_logps`, `ref_rejected_logps` and the completion token counts. With `groups`
+    (listwise losses) the rows also carry their K responses, rewards and, from a reference entry scored
+    with groups, `ref_group_logps` and `group_tokens`.
 
     Ray Train shards with `streaming_split(equal=True)`, which would drop up to world_size - 1 rows;
     padding makes the split exact, and the zero weights keep the padding out of every gradient and
@@ -336,12 +364,16 @@ def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int,
     import ray.data
 
     columns = ["prompt_ids", "chosen_ids", "rejected_ids", "content_key"] + (["source_index"] if with_source else [])
+    if groups:
+        columns += ["responses_ids", "rewards", "chosen_index", "rejected_index"]
     if reference is None:
         base = ray.data.read_parquet(f"{data_dir}/partitions/split={split}", columns=columns)
     else:
-        base = ray.data.read_parquet(
-            reference, columns=columns + ["chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"]
-        ).rename_columns({"chosen_logps": "ref_chosen_logps", "rejected_logps": "ref_rejected_logps"})
+        scored = ["chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"]
+        scored += ["group_logps", "group_tokens"] if groups else []
+        base = ray.data.read_parquet(reference, columns=columns + scored).rename_columns(
+            {"chosen_logps": "ref_chosen_logps", "rejected_logps": "ref_rejected_logps"}
+            | ({"group_logps": "ref_group_logps"} if groups else {}))
     # The shuffled order is a function of the pairs and the seed alone, not of how files or blocks happen
     # to be laid out: a seeded sort key, then one distributed sort (the cost of a random_shuffle).
     # (shuffle: false keeps the stored order.)

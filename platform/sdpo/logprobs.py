@@ -1,7 +1,9 @@
 """Batches of preference pairs and their sequence log-probs. Torch only.
 
 A batch of B pairs is one [2B, L] tensor: rows 0..B-1 are prompt+chosen, rows B..2B-1 are
-prompt+rejected, so the policy (and the reference) run one forward pass per batch.
+prompt+rejected, so the policy (and the reference) run one forward pass per batch. A batch of B
+prompts with K responses each (listwise losses) is one [N, L] tensor of all N = sum K_b sequences,
+with an index into its [B, K] view (`collate_groups`, `to_groups`).
 
 log pi(y|x) is the sum over the completion's tokens (prompt and padding masked out, the appended EOS
 counted). Only the completion positions go through the log-softmax, so no [2B, L, V] log-prob tensor
@@ -17,23 +19,18 @@ import torch
 Tensor = torch.Tensor
 
 
-def collate_pairs(
+def collate_sequences(
     prompt_ids: Sequence[Sequence[int]],
-    chosen_ids: Sequence[Sequence[int]],
-    rejected_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
     *,
-    weights: Sequence[float] | None = None,
     pad_id: int = 0,
     padding_side: str = "right",
 ) -> dict[str, Tensor]:
-    """Pad B pairs into model inputs; `completion_mask` marks the tokens whose log-probs count."""
+    """Pad N prompt+completion sequences; `completion_mask` marks the tokens whose log-probs count."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    seqs, comp_lens = [], []
-    for completions in (chosen_ids, rejected_ids):
-        for prompt, completion in zip(prompt_ids, completions, strict=True):
-            seqs.append(list(prompt) + list(completion))
-            comp_lens.append(len(completion))
+    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    comp_lens = [len(c) for c in completion_ids]
     length = max(len(s) for s in seqs)
     n = len(seqs)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
@@ -47,15 +44,73 @@ def collate_pairs(
         completion_mask[i, end - comp:end] = True
     # Explicit positions: with left padding the first real token must still be position 0.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    b = len(prompt_ids)
-    w = torch.ones(b) if weights is None else torch.tensor(list(weights), dtype=torch.float32)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "completion_mask": completion_mask,
-        "weights": w,
     }
+
+
+def collate_pairs(
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    *,
+    weights: Sequence[float] | None = None,
+    pad_id: int = 0,
+    padding_side: str = "right",
+) -> dict[str, Tensor]:
+    """Pad B pairs into model inputs: rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected."""
+    prompts = list(prompt_ids) + list(prompt_ids)
+    out = collate_sequences(prompts, list(chosen_ids) + list(rejected_ids), pad_id=pad_id,
+                            padding_side=padding_side)
+    b = len(prompt_ids)
+    out["weights"] = torch.ones(b) if weights is None else torch.tensor(list(weights), dtype=torch.float32)
+    return out
+
+
+def row_groups(chosen_ids, rejected_ids, responses_ids) -> list[list]:
+    """Each row's group of completions: its K responses, or [chosen, rejected] for a pair."""
+    return [list(r) if r is not None and len(r) else [c, j]
+            for c, j, r in zip(chosen_ids, rejected_ids, responses_ids, strict=True)]
+
+
+def collate_groups(
+    prompt_ids: Sequence[Sequence[int]],
+    groups: Sequence[Sequence[Sequence[int]]],
+    *,
+    weights: Sequence[float] | None = None,
+    pad_id: int = 0,
+) -> dict[str, Tensor]:
+    """Pad B prompts with K_b completions each (listwise losses) into one [N, L] batch, N = sum K_b.
+
+    `group_index` [N] is each sequence's slot b * K + k in the [B, K] view (K = max K_b) and
+    `group_mask` [B, K] marks the real slots.
+    """
+    prompts, completions, slots = [], [], []
+    k_max = max(len(g) for g in groups)
+    for b, (prompt, group) in enumerate(zip(prompt_ids, groups, strict=True)):
+        for k, completion in enumerate(group):
+            prompts.append(prompt)
+            completions.append(completion)
+            slots.append(b * k_max + k)
+    out = collate_sequences(prompts, completions, pad_id=pad_id)
+    n_rows = len(prompt_ids)
+    mask = torch.zeros(n_rows * k_max, dtype=torch.bool)
+    index = torch.tensor(slots, dtype=torch.long)
+    mask[index] = True
+    out["group_index"] = index
+    out["group_mask"] = mask.view(n_rows, k_max)
+    out["weights"] = torch.ones(n_rows) if weights is None else torch.tensor(list(weights), dtype=torch.float32)
+    return out
+
+
+def to_groups(flat: Tensor, batch: dict[str, Tensor], fill: float = 0.0) -> Tensor:
+    """Per-sequence values [N] -> the [B, K] view of `collate_groups` (padding slots = `fill`)."""
+    mask = batch["group_mask"]
+    out = torch.full((mask.numel(),), fill, dtype=flat.dtype, device=flat.device)
+    return out.index_put((batch["group_index"],), flat).view(mask.shape)
 
 
 def token_logps_sum(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:

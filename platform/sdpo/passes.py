@@ -27,6 +27,7 @@ from sdpo.plan import ScoringPlan
 from sdpo.scoring import PairScorer
 
 ROW_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+GROUP_COLUMNS = ["responses_ids", "rewards", "chosen_index", "rejected_index"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class PassSettings:
     trust_remote_code: bool = False
 
 
-def _score(ds, model: Any, prefix: str, s: PassSettings):
+def _score(ds, model: Any, prefix: str, s: PassSettings, groups: bool = False):
     import ray.data
 
     p = s.plan
@@ -48,7 +49,7 @@ def _score(ds, model: Any, prefix: str, s: PassSettings):
         fn_constructor_kwargs={
             "model": model, "prefix": prefix, "precision": p.precision, "num_gpus": p.num_gpus,
             "threads": p.threads, "micro_batch": s.batch_size, "revision": s.revision,
-            "trust_remote_code": s.trust_remote_code,
+            "trust_remote_code": s.trust_remote_code, "groups": groups,
         },
         batch_size=s.batch_size * 4,  # several micro-batches per call: length-sorting has room to work
         batch_format="pyarrow",
@@ -62,21 +63,23 @@ def _score(ds, model: Any, prefix: str, s: PassSettings):
 # Cached scoring of a split (the reference pass, and the base model's pass for gamma)
 # --------------------------------------------------------------------------------------------------
 def scored_split(split_dir: str, *, model: Any, model_digest: str | None, data_digest: str, num_rows: int,
-                 settings: PassSettings, uncached_dir: str, log: Callable[[str], None]) -> caching.CacheEntry:
-    """Score every pair of `split_dir` with `model`, or reuse the cached result of an identical pass."""
+                 settings: PassSettings, uncached_dir: str, log: Callable[[str], None],
+                 groups: bool = False) -> caching.CacheEntry:
+    """Score every pair of `split_dir` with `model`, or reuse the cached result of an identical pass.
+    `groups`: score every response of each row's group too (listwise losses)."""
     import ray.data
 
     key = None
     if model_digest is not None:
         key = caching.pass_key(model=model_digest, data=data_digest, tokenization=settings.tokenization,
-                               precision=settings.plan.precision)
+                               precision=settings.plan.precision, groups=groups)
     path = caching.entry_path(settings.cache_dir, key) if key else uncached_dir
     if key and (marker := caching.read_marker(path)) and marker.get("num_rows") == num_rows:
         return caching.CacheEntry(key, path, "hit", num_rows=num_rows)
     caching.clear(path)
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(split_dir, columns=ROW_COLUMNS + ["content_key"])
-    _score(ds, model, "", settings).write_parquet(path)
+    ds = ray.data.read_parquet(split_dir, columns=ROW_COLUMNS + ["content_key"] + (GROUP_COLUMNS if groups else []))
+    _score(ds, model, "", settings, groups).write_parquet(path)
     seconds = time.perf_counter() - t0
     written = ray.data.read_parquet(path, columns=["content_key"]).count()
     if written != num_rows:
@@ -86,6 +89,7 @@ def scored_split(split_dir: str, *, model: Any, model_digest: str | None, data_d
         caching.write_marker(path, {
             "key": key, "model": model_digest, "data": data_digest, "tokenization": settings.tokenization,
             "precision": settings.plan.precision, "scorer": caching.SCORER_VERSION, "num_rows": num_rows,
+            "groups": groups,
             "seconds": seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
     return entry

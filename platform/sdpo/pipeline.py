@@ -145,8 +145,7 @@ def stage_config(job: JobConfig, stage: StagePlan, init: Any, reference: Any, th
         "stage": stage.index, "partition": stage.partition, "init": init, "reference": reference,
         "tokenizer": job.model.tokenizer_path, "revision": job.model.revision,
         "trust_remote_code": job.model.trust_remote_code,
-        "loss_type": job.loss.type, "beta": stage.beta,
-        "loss_options": job.loss.model_dump(exclude={"type", "beta"}),
+        "loss_type": stage.loss, "beta": stage.beta, "loss_options": stage.loss_options,
         "learning_rate": stage.learning_rate, "epochs": stage.epochs, "total_steps": stage.total_steps,
         "batch_size": t.batch_size, "reference_mode": job.reference.mode,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -205,6 +204,7 @@ def prepare_run(job: JobConfig, out: Path, *, address: str | None, log: Callable
         eval_fraction=job.data.eval.fraction, eval_cap=job.data.eval.max_pairs_per_source,
     )
     stages = plan_stages(job, spec.names, spec.sizes)  # raises on empty partitions, before the write pass
+    _check_rewards(stages, ingest.missing_rewards(spec, keys))
     ingest.write_partitions(data_dir, spec, [src.name for src in job.data.sources])
     log(f"rows read {report.total_rows}, valid {sum(report.valid.values())}, "
         f"quarantined {report.total_rejected} (see {out / REJECTED})")
@@ -212,6 +212,21 @@ def prepare_run(job: JobConfig, out: Path, *, address: str | None, log: Callable
         log(f"note: {n} valid pairs of source {name!r} are not in partitioning.order and will not be trained on")
     log(format_plan(stages, sum(spec.eval_sizes.values())))
     return Prepared(job, out, stages, spec, report, resources, scoring, ingest.partition_digests(spec, keys))
+
+
+def _check_rewards(stages: list[StagePlan], missing: dict[str, dict[str, int]]) -> None:
+    """A stage whose loss needs explicit rewards must have them on every pair of its partition."""
+    from sdpo.losses import get_loss
+
+    for s in stages:
+        if get_loss(s.loss).needs_rewards and missing.get(s.partition):
+            counts = ", ".join(f"{n} from source {src!r}" for src, n in sorted(missing[s.partition].items()))
+            raise ConfigError(
+                f"stage {s.index} uses loss {s.loss!r}, which needs explicit rewards, but partition "
+                f"{s.partition!r} has pairs without them ({counts}). Give those rows score_chosen/score_rejected "
+                f"(or use the responses/rewards format), or set a pairwise loss for this stage "
+                f"(stages[{s.index - 1}].loss.type)."
+            )
 
 
 def _check_rejections(job: JobConfig, report, out: Path) -> None:
@@ -248,6 +263,7 @@ def train_stages(prep: Prepared, *, log: Callable[[str], None]) -> list[dict]:
 
     from sdpo.caching import model_digest
     from sdpo.ingest import split_dataset
+    from sdpo.losses import get_loss
     from sdpo.worker import STAGE_METRICS, STEP_LOG, stage_loop
 
     job, out = prep.job, prep.out
@@ -263,12 +279,13 @@ def train_stages(prep: Prepared, *, log: Callable[[str], None]) -> list[dict]:
         ref = base if stage.reference == BASE else previous
         init = base if stage.init == BASE else previous
         ref_digest = digests[BASE] if stage.reference == BASE else digests[stage.index - 1]
+        loss = get_loss(stage.loss)
         passes, gamma = reference_passes(prep, stage, ref, ref_digest, base, digests[BASE], settings, log)
-        reference_path = passes["reference"].path if job.reference.mode == "precompute" else None
+        precompute = job.reference.mode == "precompute" and loss.needs_reference
         datasets = {"train": split_dataset(
             data_dir, stage.partition, num_pairs=stage.num_pairs, world_size=world,
             shuffle_seed=(job.seed * 1000 + stage.index) if job.training.shuffle else None,
-            reference=reference_path,
+            reference=passes["reference"].path if precompute else None, groups=loss.listwise,
         )}
         trainer = TorchTrainer(
             stage_loop,
@@ -298,7 +315,8 @@ def train_stages(prep: Prepared, *, log: Callable[[str], None]) -> list[dict]:
             "index": stage.index, "partition": stage.partition, "num_pairs": stage.num_pairs,
             "reference": base if stage.reference == BASE else records[-1]["model"],
             "init": base if stage.init == BASE else records[-1]["model"],
-            "model": str(model_path.resolve()), "reference_mode": job.reference.mode,
+            "model": str(model_path.resolve()), "loss": {"type": stage.loss, "beta": stage.beta, **stage.loss_options},
+            "reference_mode": (job.reference.mode if loss.needs_reference else "none"),
             "reference_digest": ref_digest, "model_digest": digests[stage.index],
             "metrics": metrics, "gamma": gamma["histograms"],
             "cache": {role: e.to_dict() for role, e in passes.items()},
@@ -310,14 +328,20 @@ def train_stages(prep: Prepared, *, log: Callable[[str], None]) -> list[dict]:
 
 def reference_passes(prep: Prepared, stage: StagePlan, ref: Any, ref_digest: str | None, base: str,
                      base_digest: str | None, settings: Any, log: Callable[[str], None]) -> tuple[dict, dict]:
-    """The stage's reference pass (cached) and, for the gamma diagnostic, the base model's pass on D_t."""
+    """The stage's reference pass (cached) and, for the gamma diagnostic, the base model's pass on D_t.
+
+    A reference-free loss gets no reference pass (and gamma under the base model only); a listwise
+    loss's passes score every response of each row's group.
+    """
     from sdpo.diagnostics import gamma_summary
+    from sdpo.losses import get_loss
     from sdpo.passes import read_gamma, scored_split
 
     job, out = prep.job, prep.out
+    loss = get_loss(stage.loss)
     split_dir = str((out / "data" / "partitions" / f"split={stage.partition}").resolve())
     needed = {}
-    if job.reference.mode == "precompute" or job.reference.gamma:
+    if loss.needs_reference and (job.reference.mode == "precompute" or job.reference.gamma):
         needed["reference"] = (ref, ref_digest)
     if job.reference.gamma:
         needed["base"] = (base, base_digest)
@@ -329,17 +353,20 @@ def reference_passes(prep: Prepared, stage: StagePlan, ref: Any, ref_digest: str
             continue
         e = scored_split(split_dir, model=model, model_digest=digest, data_digest=prep.digests[stage.partition],
                          num_rows=stage.num_pairs, settings=settings,
-                         uncached_dir=str((out / "scores" / f"stage{stage.index}-{role}").resolve()), log=log)
+                         uncached_dir=str((out / "scores" / f"stage{stage.index}-{role}").resolve()), log=log,
+                         groups=loss.listwise)
         speed = f", {e.pairs_per_s:.1f} pairs/s" if e.pairs_per_s else ""
         log(f"stage {stage.index}: {role} pass on {stage.partition!r}: cache {e.status} "
             f"({e.num_rows} pairs{speed}) {e.path}")
         entries[role] = e
     if not job.reference.gamma:
         return entries, {"metrics": {}, "histograms": {}}
-    metrics, hists = gamma_summary(read_gamma(entries["reference"].path), read_gamma(entries["base"].path))
-    log(f"stage {stage.index}: gamma on {stage.partition!r}: reference mean {metrics['gamma_ref/mean']:.3f} "
-        f"median {metrics['gamma_ref/median']:.3f}; base mean {metrics['gamma_base/mean']:.3f} "
-        f"median {metrics['gamma_base/median']:.3f}")
+    ref_gamma = read_gamma(entries["reference"].path) if "reference" in entries else None
+    metrics, hists = gamma_summary(ref_gamma, read_gamma(entries["base"].path))
+    under = [(who, name) for who, name in (("reference", "ref"), ("base", "base")) if f"gamma_{name}/mean" in metrics]
+    log(f"stage {stage.index}: gamma on {stage.partition!r}: " + "; ".join(
+        f"{who} mean {metrics[f'gamma_{name}/mean']:.3f} median {metrics[f'gamma_{name}/median']:.3f}"
+        for who, name in under))
     return entries, {"metrics": metrics, "histograms": hists}
 
 
@@ -365,13 +392,17 @@ class HeldOut:
                                   first=True)
             self.log(f"held-out: base model scored in {seconds:.1f}s")
 
-    def _metrics(self, table: int, policy: int, reference: int, beta: float) -> dict[str, float]:
+    def _metrics(self, table: int, policy: int, reference: int, stage: StagePlan) -> dict[str, float]:
+        """The held-out loss is the stage's own loss on each pair; a listwise loss's is DPO's (sigmoid),
+        since held-out rows are scored as their binarised pairs."""
+        from sdpo.losses import get_loss
         from sdpo.passes import eval_metrics
 
-        job = self.prep.job
+        loss_type, options = stage.loss, stage.loss_options
+        if get_loss(loss_type).listwise:
+            loss_type, options = "sigmoid", {}
         return eval_metrics(self._scores(table), policy=f"m{policy}_", reference=f"m{reference}_", base="m0_",
-                            loss_type=job.loss.type, beta=beta,
-                            options=job.loss.model_dump(exclude={"type", "beta"}), sources=self.sources)
+                            loss_type=loss_type, beta=stage.beta, options=options, sources=self.sources)
 
     def after_stage(self, stage: StagePlan, model: Any) -> dict[str, float]:
         """`eval/*` for the stage's model and `before/eval/*` for the model it started from."""
@@ -381,10 +412,10 @@ class HeldOut:
             return {}
         t = stage.index
         start = 0 if stage.init == BASE else t - 1
-        before = self._metrics(t - 1, policy=start, reference=t - 1, beta=stage.beta)
+        before = self._metrics(t - 1, policy=start, reference=t - 1, stage=stage)
         extend_eval(self._scores(t - 1), self._scores(t), model=model, prefix=f"m{t}_", settings=self.settings,
                     first=False)
-        after = self._metrics(t, policy=t, reference=t - 1, beta=stage.beta)
+        after = self._metrics(t, policy=t, reference=t - 1, stage=stage)
         return {f"before/{k}": v for k, v in before.items()} | after
 
 

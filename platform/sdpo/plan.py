@@ -31,6 +31,8 @@ class StagePlan:
     init: str  # "base" or "stage <t-1>"
     beta: float
     learning_rate: float
+    loss: str
+    loss_options: dict
     epochs: int
     steps_per_epoch: int
     run_name: str
@@ -67,6 +69,7 @@ def plan_stages(job: JobConfig, names: list[str], sizes: list[int]) -> list[Stag
         if n == 0:
             raise PlanError(f"partition {name!r} (stage {i}) has no training pairs; check its source and the eval split")
         o = overrides[i - 1] if overrides else None
+        loss = job.stage_loss(i - 1)
         prev = BASE if i == 1 else f"stage {i - 1}"
         epochs = (o and o.epochs) or t.epochs
         plans.append(StagePlan(
@@ -75,7 +78,9 @@ def plan_stages(job: JobConfig, names: list[str], sizes: list[int]) -> list[Stag
             num_pairs=n,
             reference=prev,
             init=prev if job.init == "previous" else BASE,
-            beta=(o and o.beta) or job.loss.beta,
+            beta=loss.beta,
+            loss=loss.type,
+            loss_options=loss.options,
             learning_rate=(o and o.learning_rate) or t.learning_rate,
             epochs=epochs,
             steps_per_epoch=steps_per_epoch(n, job.scaling.num_workers, t.batch_size, t.gradient_accumulation_steps),
@@ -85,9 +90,10 @@ def plan_stages(job: JobConfig, names: list[str], sizes: list[int]) -> list[Stag
 
 
 def format_plan(stages: list[StagePlan], eval_pairs: int) -> str:
-    head = f"{'stage':>5}  {'partition':<16} {'pairs':>7}  {'reference':<9}  {'init':<9}  {'beta':>6}  {'lr':>8}  {'epochs':>6}  {'steps':>6}"
+    head = (f"{'stage':>5}  {'partition':<16} {'pairs':>7}  {'reference':<9}  {'init':<9}  {'loss':<10} {'beta':>6}  "
+            f"{'lr':>8}  {'epochs':>6}  {'steps':>6}")
     rows = [
-        f"{s.index:>5}  {s.partition:<16} {s.num_pairs:>7}  {s.reference:<9}  {s.init:<9}  {s.beta:>6g}  "
+        f"{s.index:>5}  {s.partition:<16} {s.num_pairs:>7}  {s.reference:<9}  {s.init:<9}  {s.loss:<10} {s.beta:>6g}  "
         f"{s.learning_rate:>8.2g}  {s.epochs:>6}  {s.total_steps:>6}"
         for s in stages
     ]

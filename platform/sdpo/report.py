@@ -108,6 +108,7 @@ COLUMNS: list[tuple[str, Callable[[dict], Any]]] = [
     ("stage", lambda s: s.get("index")),
     ("partition", lambda s: s.get("partition")),
     ("pairs", lambda s: s.get("num_pairs")),
+    ("loss", lambda s: (s.get("loss") or {}).get("type")),
     ("γ_ref mean", metric("gamma_ref/mean")),
     ("γ_ref median", metric("gamma_ref/median")),
     ("γ_base mean", metric("gamma_base/mean")),

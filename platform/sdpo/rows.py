@@ -4,6 +4,10 @@ TRL's two formats are accepted:
 - standard:        {"prompt": str, "chosen": str, "rejected": str}
 - conversational:  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
                    where a message is {"role": str, "content": str}.
+Pairs may carry explicit rewards, `score_chosen` and `score_rejected` (both or neither), for the
+reward-aware losses. A K-response row, {"prompt", "responses": [K completions], "rewards": [K numbers]}
+(K >= 2, either format), feeds the listwise losses (InfoNCA, NCA); the pairwise losses see its binarised
+pair: the highest-reward response as chosen, the lowest as rejected.
 
 Conversational rows are rendered with the tokenizer's chat template; a tokenizer without one gets
 `FALLBACK_CHAT_TEMPLATE` (documented in the README). The completion is whatever the rendered
@@ -19,6 +23,7 @@ row with its source, file and line — never a silent drop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -51,6 +56,10 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    responses_ids: list[list[int]] = dataclasses.field(default_factory=list)  # K-response rows only (chosen/rejected among them)
+    rewards: list[float] = dataclasses.field(default_factory=list)  # K rewards, or [score_chosen, score_rejected]; [] if none
+    chosen_index: int = 0  # where chosen/rejected sit in the row's group (responses, or [chosen, rejected])
+    rejected_index: int = 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,32 +94,68 @@ def validate_pair(record: dict[str, Any]) -> str:
     for field in PAIR_FIELDS:
         if field not in record or record[field] is None:
             raise RowError(f"missing field '{field}'")
-    kinds = set()
-    for field in PAIR_FIELDS:
-        value = record[field]
-        if isinstance(value, str):
-            if not value.strip():
-                raise RowError(f"field '{field}' is empty")
-            kinds.add("standard")
-        elif isinstance(value, list):
-            _check_messages(field, value)
-            kinds.add("conversational")
-        else:
-            raise RowError(f"field '{field}' must be a string or a list of messages, got {type(value).__name__}")
-    if len(kinds) > 1:
-        raise RowError("fields mix plain strings and message lists; use one format per row")
+    kind = _format_of([(field, record[field]) for field in PAIR_FIELDS])
     if record["chosen"] == record["rejected"]:
         raise RowError("chosen and rejected are identical")
+    return kind
+
+
+def _format_of(fields: list[tuple[str, Any]]) -> str:
+    """'standard' (every field a non-empty string) or 'conversational' (every field a message list)."""
+    kinds = set()
+    for name, value in fields:
+        if isinstance(value, str):
+            if not value.strip():
+                raise RowError(f"field '{name}' is empty")
+            kinds.add("standard")
+        elif isinstance(value, list):
+            _check_messages(name, value)
+            kinds.add("conversational")
+        else:
+            raise RowError(f"field '{name}' must be a string or a list of messages, got {type(value).__name__}")
+    if len(kinds) > 1:
+        raise RowError("fields mix plain strings and message lists; use one format per row")
     return kinds.pop()
 
 
-def validate_scores(record: dict[str, Any]) -> None:
-    """Optional explicit rewards (`score_chosen`/`score_rejected`) must be finite numbers."""
-    for field in ("score_chosen", "score_rejected"):
-        if field in record and record[field] is not None:
-            value = record[field]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise RowError(f"field '{field}' must be a finite number, got {value!r}")
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RowError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def validate_scores(record: dict[str, Any]) -> list[float]:
+    """Optional explicit rewards of a pair: both `score_chosen` and `score_rejected`, finite, or neither."""
+    given = [f for f in ("score_chosen", "score_rejected") if record.get(f) is not None]
+    if not given:
+        return []
+    if len(given) == 1:
+        missing = ({"score_chosen", "score_rejected"} - set(given)).pop()
+        raise RowError(f"field '{given[0]}' is given but '{missing}' is missing; give both rewards or neither")
+    return [_finite(f"field '{f}'", record[f]) for f in ("score_chosen", "score_rejected")]
+
+
+def validate_group(record: dict[str, Any]) -> tuple[str, list[float]]:
+    """Check a K-response row; return its format and its rewards."""
+    both = [f for f in ("chosen", "rejected") if f in record]
+    if both:
+        raise RowError(f"a row has either 'chosen'/'rejected' or 'responses'/'rewards', not both (found {both})")
+    prompt, responses = record.get("prompt"), record.get("responses")
+    if prompt is None:
+        raise RowError("missing field 'prompt'")
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise RowError("field 'responses' must be a list of at least 2 completions")
+    if "rewards" not in record or record["rewards"] is None:
+        raise RowError("missing field 'rewards' (a K-response row needs one reward per response)")
+    rewards = record["rewards"]
+    if not isinstance(rewards, list) or len(rewards) != len(responses):
+        n = len(rewards) if isinstance(rewards, list) else type(rewards).__name__
+        raise RowError(f"field 'rewards' must be a list of {len(responses)} numbers (one per response), got {n}")
+    rewards = [_finite(f"rewards[{i}]", r) for i, r in enumerate(rewards)]
+    if max(rewards) == min(rewards):
+        raise RowError("all rewards are equal: the row states no preference")
+    kind = _format_of([("prompt", prompt)] + [(f"responses[{i}]", r) for i, r in enumerate(responses)])
+    return kind, rewards
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,56 +166,92 @@ def ensure_chat_template(tokenizer: Any) -> None:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
 
 
-def render_pair(record: dict[str, Any], kind: str, tokenizer: Any) -> RenderedPair:
+def render_completions(prompt: Any, completions: dict[str, Any], kind: str, tokenizer: Any) -> tuple[str, list[str]]:
+    """The prompt's text and each completion's text (what the conversation adds after the prompt)."""
     if kind == "standard":
-        return RenderedPair(record["prompt"], record["chosen"], record["rejected"], templated=False)
+        return prompt, list(completions.values())
     ensure_chat_template(tokenizer)
-    prompt_msgs = record["prompt"]
-    prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-    completions = []
-    for field in ("chosen", "rejected"):
-        full = tokenizer.apply_chat_template(prompt_msgs + record[field], tokenize=False)
-        if not full.startswith(prompt):
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    out = []
+    for name, messages in completions.items():
+        full = tokenizer.apply_chat_template(prompt + messages, tokenize=False)
+        if not full.startswith(text):
             raise RowError(
-                f"the chat template does not render '{field}' as a continuation of the prompt; "
+                f"the chat template does not render '{name}' as a continuation of the prompt; "
                 "set a template whose generation prompt is a prefix of the assistant turn"
             )
-        completions.append(full[len(prompt):])
-    return RenderedPair(prompt, completions[0], completions[1], templated=True)
+        out.append(full[len(text):])
+    return text, out
 
 
-def tokenize_pair(
-    pair: RenderedPair, tokenizer: Any, *, max_length: int, max_prompt_length: int, eos_id: int
-) -> TokenizedPair:
+def render_pair(record: dict[str, Any], kind: str, tokenizer: Any) -> RenderedPair:
+    prompt, (chosen, rejected) = render_completions(
+        record["prompt"], {"chosen": record["chosen"], "rejected": record["rejected"]}, kind, tokenizer)
+    return RenderedPair(prompt, chosen, rejected, templated=kind != "standard")
+
+
+def _tokenize(prompt: str, completions: dict[str, str], templated: bool, tokenizer: Any, *, max_length: int,
+              max_prompt_length: int, eos_id: int) -> tuple[list[int], list[list[int]]]:
     # Templated text already carries the model's special tokens (BOS among them) as text.
-    prompt_ids = tokenizer(pair.prompt, add_special_tokens=not pair.templated)["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
     if not prompt_ids:
         raise RowError("prompt tokenises to nothing")
     prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end, next to the answer
     room = max_length - len(prompt_ids)
     out = []
-    for field in ("chosen", "rejected"):
-        ids = tokenizer(getattr(pair, field), add_special_tokens=False)["input_ids"] + [eos_id]
+    for name, text in completions.items():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id]
         ids = ids[:room]
         if len(ids) == 0:
-            raise RowError(f"nothing left of '{field}' after truncation to max_length={max_length}")
+            raise RowError(f"nothing left of '{name}' after truncation to max_length={max_length}")
         out.append(ids)
-    if out[0] == out[1]:
+    return prompt_ids, out
+
+
+def _distinct(chosen: list[int], rejected: list[int], max_length: int, what: str = "chosen and rejected") -> None:
+    if chosen == rejected:
         raise RowError(
-            f"chosen and rejected are identical after truncation to max_length={max_length} "
+            f"{what} are identical after truncation to max_length={max_length} "
             "(they differ only beyond it); raise data.max_length"
         )
-    return TokenizedPair(prompt_ids, out[0], out[1])
+
+
+def tokenize_pair(
+    pair: RenderedPair, tokenizer: Any, *, max_length: int, max_prompt_length: int, eos_id: int
+) -> TokenizedPair:
+    prompt_ids, (chosen, rejected) = _tokenize(
+        pair.prompt, {"chosen": pair.chosen, "rejected": pair.rejected}, pair.templated, tokenizer,
+        max_length=max_length, max_prompt_length=max_prompt_length, eos_id=eos_id)
+    _distinct(chosen, rejected, max_length)
+    return TokenizedPair(prompt_ids, chosen, rejected)
+
+
+def prepare_group(record: dict[str, Any], tokenizer: Any, *, max_length: int, max_prompt_length: int,
+                  eos_id: int) -> TokenizedPair:
+    """A K-response row -> token ids; chosen/rejected are its highest- and lowest-reward responses."""
+    kind, rewards = validate_group(record)
+    names = {f"responses[{i}]": r for i, r in enumerate(record["responses"])}
+    prompt, texts = render_completions(record["prompt"], names, kind, tokenizer)
+    prompt_ids, ids = _tokenize(prompt, dict(zip(names, texts, strict=True)), kind != "standard", tokenizer,
+                                max_length=max_length, max_prompt_length=max_prompt_length, eos_id=eos_id)
+    best, worst = int(max(range(len(rewards)), key=rewards.__getitem__)), int(min(range(len(rewards)), key=rewards.__getitem__))
+    _distinct(ids[best], ids[worst], max_length, "the highest- and lowest-reward responses")
+    return TokenizedPair(prompt_ids, ids[best], ids[worst], responses_ids=ids, rewards=rewards,
+                         chosen_index=best, rejected_index=worst)
 
 
 def prepare_record(
     raw: str | bytes | dict[str, Any], tokenizer: Any, *, max_length: int, max_prompt_length: int, eos_id: int
 ) -> TokenizedPair:
-    """Raw row -> token ids, or RowError with the reason."""
+    """Raw row (a pair or a K-response row) -> token ids, or RowError with the reason."""
     record = parse_record(raw)
+    if "responses" in record:
+        return prepare_group(record, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                             eos_id=eos_id)
     kind = validate_pair(record)
-    validate_scores(record)
+    rewards = validate_scores(record)
     rendered = render_pair(record, kind, tokenizer)
-    return tokenize_pair(
+    pair = tokenize_pair(
         rendered, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, eos_id=eos_id
     )
+    return TokenizedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, rewards=rewards) if rewards else pair

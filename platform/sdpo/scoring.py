@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sdpo.logprobs import collate_pairs, token_logps_sum
+from sdpo.logprobs import collate_pairs, collate_sequences, row_groups, token_logps_sum
 
 TOKENS = ("chosen_tokens", "rejected_tokens")
 
@@ -92,27 +92,91 @@ def score_pairs(
     return out
 
 
+@torch.inference_mode()
+def score_groups(
+    model: torch.nn.Module,
+    prompt_ids: list,
+    groups: list,
+    *,
+    device: torch.device,
+    micro_batch: int = 32,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Summed log-probs and token counts of every completion of every row's group (K may vary by row).
+
+    All sequences are scored longest-first, 2 * micro_batch per forward (the sequences of
+    `micro_batch` pairs), then put back per row.
+    """
+    flat = [(r, k, len(prompt_ids[r]) + len(c)) for r, g in enumerate(groups) for k, c in enumerate(g)]
+    order = sorted(range(len(flat)), key=lambda i: -flat[i][2])
+    logps = [np.zeros(len(g), np.float64) for g in groups]
+    tokens = [np.zeros(len(g), np.int32) for g in groups]
+    step = 2 * micro_batch
+    for start in range(0, len(order), step):
+        idx = order[start:start + step]
+        batch = collate_sequences([prompt_ids[flat[i][0]] for i in idx],
+                                  [groups[flat[i][0]][flat[i][1]] for i in idx])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits
+        sums, counts = token_logps_sum(logits, batch["input_ids"], batch["completion_mask"])
+        sums, counts = sums.double().cpu().numpy(), counts.cpu().numpy()
+        for j, i in enumerate(idx):
+            r, k, _ = flat[i]
+            logps[r][k], tokens[r][k] = sums[j], counts[j]
+    return logps, tokens
+
+
+GROUP_COLUMNS = ("responses_ids", "rewards", "chosen_index", "rejected_index")
+
+
 class PairScorer:
     """Ray Data `map_batches` callable (pyarrow batches in and out): appends
-    `<prefix>chosen_logps`, `<prefix>rejected_logps` and, if absent, `chosen_tokens`, `rejected_tokens`."""
+    `<prefix>chosen_logps`, `<prefix>rejected_logps` and, if absent, `chosen_tokens`, `rejected_tokens`.
+
+    With `groups` (listwise losses) it scores every completion of each row's group (its K responses,
+    or chosen and rejected for a pair) and also appends `<prefix>group_logps` and `group_tokens`
+    (lists); chosen/rejected are then read from the group, not scored twice."""
 
     def __init__(self, model: Any, *, prefix: str = "", precision: str = "fp32", num_gpus: float = 0.0,
                  threads: int | None = None, micro_batch: int = 32, revision: str | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, groups: bool = False):
         if threads:  # never more threads than the node has cores (logical CPUs may oversubscribe)
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or threads)))
         self.device = pick_device(num_gpus)
         dtype = torch.bfloat16 if resolve_precision(precision, self.device.type == "cuda") == "bf16" else torch.float32
         self.model = load_model(model, dtype=dtype, device=self.device, revision=revision,
                                 trust_remote_code=trust_remote_code).eval()
-        self.prefix, self.micro_batch = prefix, micro_batch
+        self.prefix, self.micro_batch, self.groups = prefix, micro_batch, groups
 
     def __call__(self, table: pa.Table) -> pa.Table:
         ids = [table.column(c).to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        if self.groups:
+            return self._score_groups(table, ids)
         scores = score_pairs(self.model, *ids, device=self.device, micro_batch=self.micro_batch)
         for name in ("chosen_logps", "rejected_logps"):
             table = table.append_column(self.prefix + name, pa.array(scores[name], pa.float64()))
         for name in TOKENS:
             if name not in table.column_names:
                 table = table.append_column(name, pa.array(scores[name], pa.int32()))
+        return table
+
+    def _score_groups(self, table: pa.Table, ids: list) -> pa.Table:
+        groups = row_groups(ids[1], ids[2], table.column("responses_ids").to_pylist())
+        logps, tokens = score_groups(self.model, ids[0], groups, device=self.device, micro_batch=self.micro_batch)
+        ci = table.column("chosen_index").to_numpy()
+        ri = table.column("rejected_index").to_numpy()
+        rows = range(table.num_rows)
+        picked = {
+            "chosen_logps": [logps[r][ci[r]] for r in rows], "rejected_logps": [logps[r][ri[r]] for r in rows],
+            "chosen_tokens": [tokens[r][ci[r]] for r in rows], "rejected_tokens": [tokens[r][ri[r]] for r in rows],
+        }
+        for name in ("chosen_logps", "rejected_logps"):
+            table = table.append_column(self.prefix + name, pa.array(picked[name], pa.float64()))
+        for name in TOKENS:
+            if name not in table.column_names:
+                table = table.append_column(name, pa.array(picked[name], pa.int32()))
+        table = table.append_column(self.prefix + "group_logps", pa.array([x.tolist() for x in logps],
+                                                                          pa.list_(pa.float64())))
+        if "group_tokens" not in table.column_names:
+            table = table.append_column("group_tokens", pa.array([x.tolist() for x in tokens], pa.list_(pa.int32())))
         return table

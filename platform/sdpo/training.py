@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sdpo.logprobs import sequence_logps, split_pairs
-from sdpo.losses import get_loss, preference_loss, preference_metrics
+from sdpo.logprobs import sequence_logps, split_pairs, to_groups
+from sdpo.losses import get_loss, listwise_loss, preference_loss, preference_metrics
 
 Tensor = torch.Tensor
 
@@ -102,8 +102,17 @@ class LossSettings:
     def average_logps(self) -> bool:
         return get_loss(self.loss_type).mean_logps
 
+    @property
+    def listwise(self) -> bool:
+        return get_loss(self.loss_type).listwise
+
+    @property
+    def needs_reference(self) -> bool:
+        return get_loss(self.loss_type).needs_reference
+
 
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens")
+GROUP_REFERENCE_COLUMNS = ("ref_group_logps", "group_tokens")
 
 
 def precomputed_reference(batch: dict[str, Tensor], *, average: bool) -> tuple[Tensor, Tensor]:
@@ -123,9 +132,13 @@ def pair_losses(
     `reference=None` (reference.mode: precompute) takes the reference log-probs from the batch's
     `ref_*` columns; otherwise the reference model runs here, under no_grad (mode: online).
     """
+    if loss.listwise:
+        return group_losses(policy, reference, batch, loss)
     avg = loss.average_logps
     chosen, rejected = split_pairs(sequence_logps(policy, batch, average=avg))
-    if reference is None:
+    if not loss.needs_reference:  # reference-free (simpo): rewards/* are then beta * log pi
+        ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
+    elif reference is None:
         ref_chosen, ref_rejected = precomputed_reference(batch, average=avg)
     else:
         with torch.no_grad():
@@ -134,6 +147,37 @@ def pair_losses(
         loss.loss_type, chosen, rejected, ref_chosen, ref_rejected, beta=loss.beta, **loss.options
     )
     metrics = preference_metrics(chosen, rejected, ref_chosen, ref_rejected, beta=loss.beta)
+    metrics["loss"] = losses.detach().float()
+    return losses, metrics
+
+
+def group_losses(
+    policy: torch.nn.Module, reference: torch.nn.Module | None, batch: dict[str, Tensor], loss: LossSettings
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Listwise losses (infonca, nca) per prompt over its K responses (`logprobs.collate_groups` batches).
+
+    The training metrics are the pairwise ones on each row's binarised pair: its highest- and
+    lowest-reward responses (`chosen_index`, `rejected_index`).
+    """
+    avg = loss.average_logps
+    mask = batch["group_mask"]
+    logps = to_groups(sequence_logps(policy, batch, average=avg), batch)
+    if reference is None:
+        ref = batch["ref_group_logps"].float()
+        if avg:
+            ref = ref / batch["group_tokens"].clamp(min=1)
+    else:
+        with torch.no_grad():
+            ref = to_groups(sequence_logps(reference, batch, average=avg), batch)
+    ref = ref.masked_fill(~mask, 0.0)
+    rewards = batch["rewards"].float().masked_fill(~mask, 0.0)
+    losses = listwise_loss(loss.loss_type, logps, ref, rewards, beta=loss.beta, mask=mask, **loss.options)
+
+    def pick(values: Tensor, name: str) -> Tensor:
+        return values.gather(1, batch[name].long()[:, None]).squeeze(1)
+
+    metrics = preference_metrics(pick(logps, "chosen_index"), pick(logps, "rejected_index"),
+                                 pick(ref, "chosen_index"), pick(ref, "rejected_index"), beta=loss.beta)
     metrics["loss"] = losses.detach().float()
     return losses, metrics
 

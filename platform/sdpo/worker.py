@@ -25,9 +25,10 @@ import ray.train.torch
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from sdpo.logprobs import collate_pairs
+from sdpo.logprobs import collate_groups, collate_pairs, row_groups
 from sdpo.scoring import load_model
 from sdpo.training import (
+    GROUP_REFERENCE_COLUMNS,
     REFERENCE_COLUMNS,
     TRAIN_METRICS,
     LossSettings,
@@ -59,6 +60,25 @@ class PairCollate(NumpyBatchCollateFn):
         return out
 
 
+class GroupCollate(NumpyBatchCollateFn):
+    """Ray Data numpy batch -> every row's group of completions, padded to [B, K] views (listwise losses;
+    see `logprobs.collate_groups`)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        groups = row_groups(batch["chosen_ids"], batch["rejected_ids"], batch["responses_ids"])
+        out = collate_groups(batch["prompt_ids"], groups, weights=batch["weight"])
+        shape = out["group_mask"].shape
+        for name in ("rewards",) + GROUP_REFERENCE_COLUMNS:
+            if name in batch:
+                padded = np.zeros(shape, np.float64)
+                for b, values in enumerate(batch[name]):
+                    padded[b, :len(values)] = values
+                out[name] = torch.from_numpy(padded)
+        for name in ("chosen_index", "rejected_index"):
+            out[name] = torch.tensor(np.asarray(batch[name], np.int64))
+        return out
+
+
 def _load(ref: Any, cfg: dict, device: torch.device) -> torch.nn.Module:
     return load_model(ref, dtype=torch.float32, device=device, revision=cfg.get("revision"),
                       trust_remote_code=cfg["trust_remote_code"])
@@ -84,7 +104,7 @@ def stage_loop(cfg: dict) -> None:
 
     policy = _load(cfg["init"], cfg, device)
     reference = None
-    if cfg["reference_mode"] == "online":
+    if cfg["reference_mode"] == "online" and loss.needs_reference:
         reference = freeze(_load(cfg["reference"], cfg, device))
     # Proof the reference stays frozen and is exactly M_{t-1}; rank 0 alone writes the stage metrics.
     reference_digest = fingerprint(reference) if rank == 0 and reference is not None else None
@@ -108,7 +128,8 @@ def stage_loop(cfg: dict) -> None:
         # no two epochs see the same order (every rank still gets the same number of batches).
         reshuffle = cfg["shuffle"] and epoch > 0
         batches = shard.iter_torch_batches(
-            batch_size=cfg["batch_size"], collate_fn=PairCollate(), prefetch_batches=2,
+            batch_size=cfg["batch_size"], collate_fn=GroupCollate() if loss.listwise else PairCollate(),
+            prefetch_batches=2,
             local_shuffle_buffer_size=8 * cfg["batch_size"] if reshuffle else None,
             local_shuffle_seed=cfg["seed"] * 100 + epoch if reshuffle else None,
         )
@@ -134,10 +155,14 @@ def stage_loop(cfg: dict) -> None:
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Non-padding tokens of the batch's real pairs (padding rows weigh 0)."""
-    per_row = batch["attention_mask"].sum(-1).float()
-    b = batch["weights"].shape[0]
-    return ((per_row[:b] + per_row[b:]) * batch["weights"]).sum()
+    """Non-padding tokens of the batch's real rows (padding rows weigh 0)."""
+    per_seq = batch["attention_mask"].sum(-1).float()
+    weights = batch["weights"]
+    if "group_index" in batch:  # listwise: sequence i belongs to row group_index[i] // K
+        k = batch["group_mask"].shape[1]
+        return (per_seq * weights[batch["group_index"] // k]).sum()
+    b = weights.shape[0]
+    return ((per_seq[:b] + per_seq[b:]) * weights).sum()
 
 
 def _optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch) -> dict:
