@@ -34,3 +34,14 @@ def ray_session(tmp_path_factory):
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 on a free loopback port for the whole session, with AWS_ENDPOINT_URL, test credentials
+    and us-east-1 set in `os.environ` (AWS_PROFILE unset), so that Ray started afterwards inherits them.
+    Yields a `tests.s3server.S3Server` (`.endpoint`, `.make_bucket(name) -> "s3://name"`, `.stop()`)."""
+    from .s3server import running_s3_server
+
+    with running_s3_server(str(tmp_path_factory.mktemp("aws"))) as server:
+        yield server
