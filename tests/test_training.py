@@ -94,3 +94,56 @@ def test_a_few_steps_change_every_trainable_parameter_and_not_the_reference():
     for k, v in reference.state_dict().items():
         assert torch.equal(v, ref_before[k]), f"reference {k} changed"
     assert all(not p.requires_grad for p in reference.parameters())
+
+
+def test_rng_state_round_trip():
+    """A resumed stage continues every random stream where the interrupted one stood."""
+    import random
+
+    import numpy as np
+
+    from sdpo.training import capture_rng, restore_rng
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    state = capture_rng()
+    first = (torch.rand(4), np.random.rand(4), random.random())
+    torch.rand(10)  # the run goes on, then "crashes"
+    restore_rng(state)
+    again = (torch.rand(4), np.random.rand(4), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_train_state_restores_optimizer_and_schedule():
+    from sdpo.training import build_optimizer, lr_multiplier, train_state
+
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = build_optimizer(model, lr=0.1, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier("linear", 2, 10))
+        return model, opt, sched
+
+    def step(model, opt, sched):
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+    model, opt, sched = setup()
+    for _ in range(3):
+        step(model, opt, sched)
+    saved = train_state(opt, sched, rng=[{}], progress={"step": 3}, position={"epoch": 0, "micro": 3})
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    step(model, opt, sched)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    resumed, opt2, sched2 = setup()
+    resumed.load_state_dict(weights)
+    opt2.load_state_dict(saved["optimizer"])
+    sched2.load_state_dict(saved["scheduler"])
+    step(resumed, opt2, sched2)
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    assert saved["position"] == {"epoch": 0, "micro": 3} and saved["progress"]["step"] == 3

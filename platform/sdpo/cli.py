@@ -8,12 +8,16 @@ import sys
 import tempfile
 
 from sdpo.config import ConfigError, load_job
+from sdpo.storage import StorageError
 
 CONFIG_HELP = "job config reference: README.md, section 'Job config'"
 
 
-def _job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("job", help="job config (YAML)")
+def _job_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    if optional:
+        p.add_argument("job", nargs="?", help="job config (YAML); with --resume, default: the one the run recorded")
+    else:
+        p.add_argument("job", help="job config (YAML)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set training.learning_rate=1e-6 (repeatable)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
@@ -24,9 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdpo", description="Stepwise DPO on Ray.", epilog=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="plan and train an sDPO job", epilog=CONFIG_HELP)
-    _job_args(run)
+    _job_args(run, optional=True)
     run.add_argument("--output", help="output directory (default: the job's output_dir)")
-    run.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    what = run.add_mutually_exclusive_group()
+    what.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    what.add_argument("--resume", metavar="DIR",
+                      help="continue the run in DIR: skip its completed stages, continue an interrupted stage "
+                      "from its latest checkpoint")
+    run.add_argument("--force", action="store_true",
+                     help="with --resume: retrain from the first completed stage whose inputs the job changed")
     val = sub.add_parser("validate", help="check the config and the data, print the plan; no training",
                          epilog=CONFIG_HELP)
     _job_args(val)
@@ -57,20 +67,40 @@ def main(argv: list[str] | None = None) -> int:
     from sdpo.pipeline import run
 
     try:
-        job = load_job(args.job, args.overrides)
+        job = _resumed_job(args) if args.command == "run" and args.resume and not args.job else None
+        if job is None:
+            if not args.job:
+                raise ConfigError("give a job config (or --resume DIR to continue a run with its own)")
+            job = load_job(args.job, args.overrides)
         if args.command == "validate":
             with tempfile.TemporaryDirectory(prefix="sdpo-validate-") as tmp:
                 run(job, output_dir=args.output or tmp, address=args.address, overwrite=True, plan_only=True)
             print("config and data OK")
         else:
-            summary = run(job, output_dir=args.output, address=args.address, overwrite=args.overwrite)
+            if args.resume and args.output and args.output != args.resume:
+                raise ConfigError("--resume DIR is the run's output directory; drop --output")
+            out = args.resume or args.output or job.output_dir
+            summary = run(job, output_dir=out, address=args.address, overwrite=args.overwrite,
+                          resume=bool(args.resume), force=args.force)
             print(f"final model: {summary['final_model']}")
-            out = args.output or job.output_dir
             print(f"summary: {os.path.join(out, 'summary.json')}")
-    except ConfigError as err:
+    except (ConfigError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _resumed_job(args):
+    """The job config a run recorded in its manifest (with --set overrides applied on top)."""
+    from sdpo import storage
+    from sdpo.config import apply_overrides, parse_job
+    from sdpo.manifest import MANIFEST
+
+    path = storage.join(args.resume, MANIFEST)
+    if not storage.exists(path):
+        raise ConfigError(f"cannot resume {args.resume}: it has no {MANIFEST}; give the job config too, or "
+                          "start it again with --overwrite")
+    return parse_job(apply_overrides(storage.read_json(path)["job"], args.overrides), origin=path)
 
 
 if __name__ == "__main__":

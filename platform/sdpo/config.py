@@ -216,6 +216,21 @@ class ReferenceConfig(_Strict):
     )
 
 
+class CheckpointingConfig(_Strict):
+    """Mid-stage checkpoints and worker-failure recovery (see README, "Fault tolerance")."""
+
+    every_steps: int | None = Field(
+        200, gt=0, description="A checkpoint every N optimiser steps (model, optimiser, scheduler, RNG, data "
+        "position): a restarted worker group or a resumed driver continues from the latest. null: only each "
+        "stage's final model.",
+    )
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts per stage after a worker dies (Ray Train FailureConfig); "
+        "-1: unlimited. Set it for spot or preemptible nodes.",
+    )
+    num_to_keep: int = Field(2, gt=0, description="Checkpoints kept per stage in Ray Train's storage (latest first).")
+
+
 class ScalingConfig(_Strict):
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
@@ -224,6 +239,10 @@ class ScalingConfig(_Strict):
     )
     data_cpus: Annotated[float, Field(ge=0)] = Field(
         1.0, description="CPUs left free for Ray Data while stages train (avoids the ingest deadlock)."
+    )
+    shared_filesystem: bool = Field(
+        False, description="Local paths (output, cache, data) are on storage every node mounts (NFS, Lustre); "
+        "without it a multi-node cluster needs them on object storage (s3://).",
     )
 
 
@@ -240,6 +259,7 @@ class JobConfig(_Strict):
     reference: ReferenceConfig = ReferenceConfig()
     training: TrainingConfig = TrainingConfig()
     scaling: ScalingConfig = ScalingConfig()
+    checkpointing: CheckpointingConfig = CheckpointingConfig()
     output_dir: str = "runs/sdpo"
     seed: int = 0
 

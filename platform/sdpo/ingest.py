@@ -9,6 +9,8 @@ Two streaming passes, then the stages read their partitions straight from Parque
    `<out>/data/partitions/split=<name>/` (held-out rows under `split=_eval`).
 
 Quarantined rows are streamed to `<out>/rejected_rows.jsonl` with source, file, line and reason.
+Rows read and rows quarantined are also counted per file, so that a file which gave no rows (empty) or
+no valid row (another format) can be named; the driver checks files before this pass (`inputs.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import pyarrow.compute as pc
 from ray.data.datasource import FileBasedDatasource
 
 from sdpo.caching import content_key, multiset_digest
+from sdpo.config import ConfigError
+from sdpo.inputs import file_format
 from sdpo.partition import EVAL, UNUSED, PartitionSpec, row_keys
 from sdpo.rows import RowError, prepare_record
 
@@ -36,8 +40,19 @@ _ROWS_PER_BLOCK = 2048
 _ROWS_PER_SORT_PARTITION = 100_000
 
 
-class DataError(ValueError):
-    """Data that cannot be trained on; raised before any training starts."""
+class DataError(ConfigError):
+    """Data that cannot be trained on; raised before any training starts. A ConfigError, so that the
+    CLI reports it the same way (`error: ...`, exit code 2)."""
+
+
+def _data_error(err: BaseException | None, depth: int = 0) -> DataError | None:
+    """The DataError a Ray task raised, from under Ray's wrappers (whose text is the whole trace).
+    Its message is one line: the callers here raise it so."""
+    if err is None or depth > 8:
+        return None
+    if type(err) is DataError:
+        return err
+    return _data_error(getattr(err, "cause", None), depth + 1) or _data_error(err.__cause__, depth + 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,9 +76,7 @@ class PreferenceFiles(FileBasedDatasource):
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         fmt = self._fmt
-        if fmt == "auto":
-            fmt = "parquet" if path.endswith(".parquet") else "json"
-        if fmt == "parquet":
+        if file_format(path, fmt) == "parquet":
             yield from self._read_parquet(f, path)
         else:
             yield from self._read_json(f, path, allow_array=fmt in ("json", "auto"))
@@ -73,7 +86,15 @@ class PreferenceFiles(FileBasedDatasource):
 
         line = 0
         # Ray hands us a forward-only stream; Parquet needs random access (footer first).
-        for batch in pq.ParquetFile(pa.BufferReader(f.readall())).iter_batches(batch_size=_ROWS_PER_BLOCK):
+        batches = pq.ParquetFile(pa.BufferReader(f.readall())).iter_batches(batch_size=_ROWS_PER_BLOCK)
+        while True:
+            try:  # the bytes are in memory: what fails now is the file, not the network
+                batch = next(batches, None)
+            except (OSError, ValueError) as err:  # ArrowInvalid, or a page that does not decode
+                raise DataError(f"data.sources[{self._source}]: {path} is a corrupt Parquet file (reading from row "
+                                f"{line + 1}: {str(err).strip().splitlines()[0]}); rewrite it or remove it") from None
+            if batch is None:
+                return
             rows = batch.to_pylist()
             raws = [json.dumps(r, ensure_ascii=False, default=str) for r in rows]
             yield _block(self._source, path, list(range(line + 1, line + 1 + len(rows))), raws)
@@ -82,7 +103,15 @@ class PreferenceFiles(FileBasedDatasource):
     def _read_json(self, f: pa.NativeFile, path: str, *, allow_array: bool) -> Iterator[pa.Table]:
         head = f.read(_CHUNK)
         if allow_array and head.lstrip()[:1] == b"[":  # one JSON array of objects
-            data = json.loads(head + f.read())
+            try:
+                data = json.loads(head + f.read())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                where = f" at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+                raise DataError(
+                    f"data.sources[{self._source}]: {path} is not valid JSON{where} "
+                    f"({getattr(err, 'msg', err)}); a JSON array is parsed as a whole, so one bad row spoils the "
+                    "file: fix it, or write it as JSON Lines (one row a line), where a bad row is quarantined alone"
+                ) from None
             raws = [json.dumps(r, ensure_ascii=False) for r in data]
             for i in range(0, len(raws), _ROWS_PER_BLOCK):
                 chunk = raws[i:i + _ROWS_PER_BLOCK]
@@ -219,6 +248,10 @@ class IngestReport:
     valid: Counter = field(default_factory=Counter)  # source -> valid rows
     rejected: Counter = field(default_factory=Counter)  # (source, reason) -> rows
     tokens: int = 0
+    files: dict[str, list[str]] = field(default_factory=dict)  # source -> its files
+    capped: set[str] = field(default_factory=set)  # sources read with max_rows: later files may go unread
+    file_rows: Counter = field(default_factory=Counter)  # file -> rows read
+    file_rejected: Counter = field(default_factory=Counter)  # file -> rows quarantined
 
     @property
     def total_rows(self) -> int:
@@ -228,13 +261,28 @@ class IngestReport:
     def total_rejected(self) -> int:
         return sum(self.rejected.values())
 
+    def _read(self, path: str) -> int:
+        # Ray may hand a remote file's path to the reader without its scheme
+        return self.file_rows[path] or self.file_rows[path.split("://", 1)[-1]]
+
+    @property
+    def empty_files(self) -> dict[str, list[str]]:
+        """Source -> files that gave no row (0 bytes, blank lines only, no Parquet rows); capped sources skipped."""
+        out = {src: [p for p in paths if not self._read(p)] for src, paths in self.files.items()
+               if src not in self.capped}
+        return {src: paths for src, paths in out.items() if paths}
+
+    def all_rejected_files(self) -> list[tuple[str, int]]:
+        """(file, rows) for every file each of whose rows was quarantined: most likely another format."""
+        return sorted((f, n) for f, n in self.file_rows.items() if n and self.file_rejected[f] == n)
+
     def to_dict(self) -> dict:
         by_source: dict[str, dict] = {}
         for (src, reason), n in sorted(self.rejected.items()):
             by_source.setdefault(src, {})[reason] = n
         return {
             "rows": dict(self.rows), "valid": dict(self.valid), "rejected": self.total_rejected,
-            "rejected_by_source_and_reason": by_source,
+            "rejected_by_source_and_reason": by_source, "empty_files": self.empty_files,
         }
 
 
@@ -261,21 +309,36 @@ def prepare(sources: list, files: dict[str, list[str]], data_dir: str, settings:
     import ray.data
 
     prepared = f"{data_dir}/prepared"
-    read_sources(sources, files).map_batches(
-        prepare_block, fn_kwargs={"settings": settings}, batch_format="pyarrow", batch_size=256
-    ).write_parquet(prepared)
+    try:
+        read_sources(sources, files).map_batches(
+            prepare_block, fn_kwargs={"settings": settings}, batch_format="pyarrow", batch_size=256
+        ).write_parquet(prepared)
+    except Exception as err:
+        cause = _data_error(err)
+        if cause is None:
+            raise
+        raise DataError(str(cause).splitlines()[0]) from None  # Ray appends its retry notes
 
-    report = IngestReport()
+    report = IngestReport(files={s.name: list(files[s.name]) for s in sources},
+                          capped={s.name for s in sources if s.max_rows})
     keys: dict[str, tuple[list, ...]] = {s.name: ([], [], [], []) for s in sources}
     cols = ["source", "file", "line", "reason", "raw", "eval_key", "split_key", "content_key", "num_tokens",
             "rewards"]
-    with open(rejected_path, "w") as out:
-        for batch in ray.data.read_parquet(prepared, columns=cols).iter_batches(batch_format="pyarrow"):
+    # No rows at all write no files: the driver's checks name the sources (pipeline._check_rejections).
+    from sdpo import storage
+
+    batches = ray.data.read_parquet(prepared, columns=cols).iter_batches(batch_format="pyarrow") \
+        if storage.isdir(prepared) else []  # local or a bucket
+
+    with storage.open_write(rejected_path) as out:
+        for batch in batches:
             reasons = batch.column("reason").to_pylist()
             bad = [i for i, r in enumerate(reasons) if r]
+            report.file_rows.update(batch.column("file").to_pylist())
             for i in bad:
                 row = {c: batch.column(c)[i].as_py() for c in ("source", "file", "line", "reason", "raw")}
                 report.rejected[(row["source"], row["reason"])] += 1
+                report.file_rejected[row["file"]] += 1
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             ok = np.array([not r for r in reasons], dtype=bool)
             srcs = np.asarray(batch.column("source").to_pylist(), dtype=object)

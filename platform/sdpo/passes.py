@@ -116,7 +116,13 @@ def extend_eval(input_dir: str, output_dir: str, *, model: Any, prefix: str, set
     caching.clear(output_dir)
     columns = ROW_COLUMNS + ["source_index"] if first else None
     _score(ray.data.read_parquet(input_dir, columns=columns), model, prefix, settings).write_parquet(output_dir)
+    caching.write_marker(output_dir, {"prefix": prefix, "model": str(model)})  # complete: a resume reuses it
     return time.perf_counter() - t0
+
+
+def eval_complete(path: str) -> bool:
+    """Whether a held-out score table was written to the end (`extend_eval` marks it last)."""
+    return caching.read_marker(path) is not None
 
 
 def eval_metrics(scores_dir: str, *, policy: str, reference: str, base: str, loss_type: str, beta: float,

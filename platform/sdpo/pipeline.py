@@ -8,16 +8,16 @@ writes it to `<output>/stages/<t>/model/` in Hugging Face format.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdpo import storage
 from sdpo.config import ConfigError, JobConfig
+from sdpo.manifest import MANIFEST, Manifest, differences, stage_inputs, stage_settings
 from sdpo.plan import BASE, PlanError, StagePlan, format_plan, plan_resources, plan_scoring, plan_stages
 
 SUMMARY = "summary.json"
@@ -60,62 +60,112 @@ def resolve_builtins(job: JobConfig) -> JobConfig:
 
 
 def resolve_files(job: JobConfig) -> dict[str, list[str]]:
-    """Expand every source's paths and globs (local or fsspec URL); a pattern matching nothing is an error."""
-    import fsspec
+    """Expand every source's paths and globs (local or fsspec URL) and look at the files, before Ray starts.
+
+    Errors (ConfigError naming the source and the file or pattern): a pattern matching nothing; a Parquet
+    file that is not Parquet or has no usable preference columns; a source whose files are all empty.
+    An empty file among non-empty ones is only a warning (empty part files are routine in Spark and Ray
+    Data output); the ingest pass counts it in the summary. See `sdpo.inputs`.
+    """
+    from sdpo.inputs import check_source, expand
 
     files: dict[str, list[str]] = {}
     for src in job.data.sources:
-        found: list[str] = []
-        for pattern in src.paths:
-            fs, _, matches = fsspec.get_fs_token_paths(pattern)
-            matches = [m for m in matches if fs.isfile(m)]
-            if not matches:
-                raise ConfigError(
-                    f"data.sources[{src.name}].path: {pattern!r} matches no file; check the path or glob"
-                )
-            protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
-            found += sorted(m if protocol in ("file", "local") else f"{protocol}://{m}" for m in matches)
-        files[src.name] = found
+        found = [f for pattern in src.paths for f in expand(src.name, pattern, src.format)]
+        check_source(src.name, found)
+        files[src.name] = [f.path for f in found]
     return files
 
 
 def check_model(job: JobConfig):
-    """Load the model's config and the tokenizer in the driver; return the tokenizer."""
+    """Load the model's config and the tokenizer in the driver; return the tokenizer.
+
+    A local path that is missing, a file, or a folder without config.json or weights is named with what
+    it holds; a hub id is left to transformers, whose error is cut to its first line. Every id the
+    tokenizer can produce (its largest id, its special tokens) must be < the model's vocab_size; a
+    tokenizer *smaller* than the embedding is fine (embeddings are often padded to a multiple of 64).
+    """
     from transformers import AutoConfig
 
     from sdpo.ingest import load_tokenizer
+    from sdpo.inputs import first_line, local_dir_problem
 
     m = job.model
+    tok_key = f"model.tokenizer {m.tokenizer!r}" if m.tokenizer else f"model.path {m.path!r} (its tokenizer)"
+    problem = local_dir_problem(m.path, model=True, tokenizer=not m.tokenizer)
+    if problem:
+        raise ConfigError(f"model.path {m.path!r} {problem}")
     try:
         config = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.path {m.path!r} is not a loadable model: {err}") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"model.path {m.path!r} is not a loadable model: {first_line(err)}") from None
+    problem = local_dir_problem(m.tokenizer, model=False, tokenizer=True) if m.tokenizer else None
+    if problem:
+        raise ConfigError(f"{tok_key} {problem}")
     try:
         tok = load_tokenizer(m.tokenizer_path, m.revision, m.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.tokenizer {m.tokenizer_path!r} is not a loadable tokenizer: {err}") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        fix = "" if m.tokenizer else "; set model.tokenizer to the model's tokenizer"
+        raise ConfigError(f"{tok_key} is not a loadable tokenizer: {first_line(err)}{fix}") from None
     if tok.eos_token_id is None:
-        raise ConfigError(f"tokenizer {m.tokenizer_path!r} has no EOS token; completions need one")
-    vocab = getattr(config, "vocab_size", None)
-    if vocab is not None and len(tok) > vocab:
-        raise ConfigError(
-            f"tokenizer {m.tokenizer_path!r} has {len(tok)} tokens but model {m.path!r} only {vocab}; "
-            "they do not belong together (set model.tokenizer to the model's own tokenizer)"
-        )
+        raise ConfigError(f"{tok_key} has no EOS token; completions need one")
+    _check_vocabulary(tok, config, tok_key, m.path)
     return tok
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless `overwrite`; overwriting keeps `cache/` — its entries
-    are content-addressed, so they stay valid and a rerun reuses them."""
-    if out.exists() and any(out.iterdir()):
+def _check_vocabulary(tok: Any, config: Any, tok_key: str, model_path: str) -> None:
+    """No token id at or past the model's vocab_size: such ids index past the embedding."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if not vocab:
+        return
+    fix = f"they do not belong together; set model.tokenizer to model {model_path!r}'s own tokenizer"
+    for name in ("bos", "eos", "pad", "unk"):
+        tid = getattr(tok, f"{name}_token_id", None)
+        if isinstance(tid, int) and tid >= vocab:
+            raise ConfigError(
+                f"{tok_key}: its {name} token {getattr(tok, f'{name}_token')!r} has id {tid}, but model "
+                f"{model_path!r} has vocab_size {vocab} (ids 0..{vocab - 1}); {fix}"
+            )
+    top = max(tok.get_vocab().values(), default=-1)  # ids, not len(tok): a vocabulary may have holes
+    if max(len(tok), top + 1) > vocab:
+        raise ConfigError(
+            f"{tok_key} has {len(tok)} tokens with ids up to {top}, but model {model_path!r} has vocab_size "
+            f"{vocab} (ids 0..{vocab - 1}); {fix}"
+        )
+
+
+# What a resumed run keeps: the cache, the completed stages, Ray Train's checkpoints (an interrupted
+# stage continues from its latest), the held-out score tables and the manifest. The rest is redone.
+KEEP_ON_RESUME = (CACHE, "stages", "ray", "eval", MANIFEST, SUMMARY, "report.md", "plots")
+
+
+def prepare_output(out: str, overwrite: bool, resume: bool = False) -> None:
+    """Refuse a non-empty output directory unless `overwrite` or `resume`. Overwriting keeps `cache/`
+    (its entries are content-addressed, so they stay valid and a rerun reuses them); resuming keeps
+    `KEEP_ON_RESUME` and needs the manifest of an earlier run. Local or any fsspec URL (s3://...); a
+    location that cannot be written (a missing bucket, no permission) fails here, before any compute."""
+    existing = storage.listdir(out) if storage.isdir(out) else []
+    if resume:
+        if MANIFEST not in existing:
+            raise ConfigError(
+                f"cannot resume {out}: it has no {MANIFEST} (not an sdpo run directory, or the run stopped "
+                "before its data was ingested); start it again with --overwrite"
+            )
+        keep = KEEP_ON_RESUME
+    elif existing:
         if not overwrite:
-            raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace it")
-        for child in out.iterdir():
-            if child.name == CACHE:
-                continue
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+            raise ConfigError(
+                f"output directory {out} is not empty; pass --resume {out} to continue that run, or "
+                "--overwrite to replace it"
+            )
+        keep = (CACHE,)
+    else:
+        keep = ()
+    for name in existing:
+        if name not in keep:
+            storage.remove(storage.join(out, name))
+    storage.check_writable(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,6 +203,8 @@ def stage_config(job: JobConfig, stage: StagePlan, init: Any, reference: Any, th
         "lr_scheduler": t.lr_scheduler, "warmup_ratio": t.warmup_ratio, "max_grad_norm": t.max_grad_norm,
         "precision": t.precision, "logging_steps": t.logging_steps, "shuffle": t.shuffle,
         "seed": job.seed * 1000 + stage.index, "torch_threads": threads,
+        "checkpoint_every": job.checkpointing.every_steps,
+        "inject_fault": os.environ.get("SDPO_INJECT_FAULT"),  # fault drills and tests (worker._inject_fault)
     }
 
 
@@ -162,7 +214,7 @@ def stage_config(job: JobConfig, stage: StagePlan, init: Any, reference: Any, th
 @dataclass
 class Prepared:
     job: JobConfig
-    out: Path
+    out: str  # the run's output: a local path or an fsspec URL (s3://bucket/run)
     stages: list[StagePlan]
     spec: Any
     report: Any
@@ -171,7 +223,7 @@ class Prepared:
     digests: dict[str, str]  # partition (and "_eval") -> content digest
 
 
-def prepare_run(job: JobConfig, out: Path, *, address: str | None, log: Callable[[str], None]) -> Prepared:
+def prepare_run(job: JobConfig, out: str, *, address: str | None, log: Callable[[str], None]) -> Prepared:
     """Everything before training: checks, ingest, split, plan. Raises before any compute is spent."""
     import ray
 
@@ -182,6 +234,7 @@ def prepare_run(job: JobConfig, out: Path, *, address: str | None, log: Callable
     files = resolve_files(job)
     tok = check_model(job)
     init_ray(address)
+    _check_shared_storage(job, out, files)
     s = job.scaling
     resources = plan_resources(ray.cluster_resources(), num_workers=s.num_workers, use_gpu=s.use_gpu,
                                data_cpus=s.data_cpus, resources_per_worker=s.resources_per_worker)
@@ -189,14 +242,14 @@ def prepare_run(job: JobConfig, out: Path, *, address: str | None, log: Callable
     scoring = plan_scoring(ray.cluster_resources(), use_gpu=s.use_gpu, data_cpus=s.data_cpus,
                            num_actors=r.num_actors, num_gpus_per_actor=r.num_gpus_per_actor,
                            num_cpus_per_actor=r.num_cpus_per_actor, precision=r.precision)
-    data_dir = str((out / "data").resolve())
+    data_dir = storage.join(out, "data")
     settings = ingest.TokenizerSettings(
         path=job.model.tokenizer_path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code,
         max_length=job.data.max_length, max_prompt_length=job.data.max_prompt_length, eos_id=tok.eos_token_id,
         seed=job.partitioning.seed, eval_seed=job.data.eval.seed, roots=ingest.source_roots(files),
     )
     log(f"reading {sum(len(f) for f in files.values())} file(s) from {len(files)} source(s)")
-    report, keys = ingest.prepare(job.data.sources, files, data_dir, settings, str(out / REJECTED))
+    report, keys = ingest.prepare(job.data.sources, files, data_dir, settings, storage.join(out, REJECTED))
     _check_rejections(job, report, out)
     p = job.partitioning
     spec = plan_partitions(
@@ -207,7 +260,7 @@ def prepare_run(job: JobConfig, out: Path, *, address: str | None, log: Callable
     _check_rewards(stages, ingest.missing_rewards(spec, keys))
     ingest.write_partitions(data_dir, spec, [src.name for src in job.data.sources])
     log(f"rows read {report.total_rows}, valid {sum(report.valid.values())}, "
-        f"quarantined {report.total_rejected} (see {out / REJECTED})")
+        f"quarantined {report.total_rejected} (see {storage.join(out, REJECTED)})")
     for name, n in spec.unused.items():
         log(f"note: {n} valid pairs of source {name!r} are not in partitioning.order and will not be trained on")
     log(format_plan(stages, sum(spec.eval_sizes.values())))
@@ -229,16 +282,34 @@ def _check_rewards(stages: list[StagePlan], missing: dict[str, dict[str, int]]) 
             )
 
 
-def _check_rejections(job: JobConfig, report, out: Path) -> None:
+def _check_rejections(job: JobConfig, report, out: str) -> None:
+    """After the ingest pass: every source read some rows, and at most data.max_rejected_fraction of
+    them were quarantined. Files all of whose rows were quarantined are named (likely another format)."""
+    from sdpo.inputs import EXPECTED, listing
+
+    for src in job.data.sources:
+        if report.rows[src.name] == 0:
+            files = report.files.get(src.name, [])
+            raise ConfigError(
+                f"data.sources[{src.name}]: its {len(files)} file(s) hold no rows (empty, blank lines only, "
+                f"or an empty JSON array): {listing(files)}; check the path or glob, or remove the source"
+            )
     total, bad = report.total_rows, report.total_rejected
     if total == 0:
         raise ConfigError("the data sources hold no rows")
     if bad / total > job.data.max_rejected_fraction:
         reasons = "\n".join(f"  {src}: {reason}: {n}" for (src, reason), n in report.rejected.most_common(10))
+        whole = report.all_rejected_files()
+        files = "".join(
+            [f"\nEvery row of these files was quarantined; are they in another format? (a row needs {EXPECTED})"]
+            + [f"\n  {path}: all {n} rows quarantined" for path, n in whole[:5]]
+            + ([f"\n  (+{len(whole) - 5} more files)"] if len(whole) > 5 else [])
+        ) if whole else ""
         raise ConfigError(
             f"{bad} of {total} rows ({bad / total:.1%}) were quarantined, more than "
-            f"data.max_rejected_fraction={job.data.max_rejected_fraction:g}. Most common reasons:\n{reasons}\n"
-            f"Each row is listed with its source, file and line in {out / REJECTED}; fix the data or raise the threshold."
+            f"data.max_rejected_fraction={job.data.max_rejected_fraction:g}. Most common reasons:\n{reasons}"
+            f"{files}\n"
+            f"Each row is listed with its source, file and line in {storage.join(out, REJECTED)}; fix the data or raise the threshold."
         )
 
 
@@ -249,81 +320,181 @@ def pass_settings(prep: Prepared) -> Any:
     m, d = job.model, job.data
     return PassSettings(
         plan=prep.scoring, batch_size=job.reference.batch_size,
-        cache_dir=job.reference.cache_dir or str((prep.out / CACHE).resolve()),
+        cache_dir=storage.abspath(job.reference.cache_dir or storage.join(prep.out, CACHE)),
         tokenization={"tokenizer": m.tokenizer_path, "revision": m.revision, "max_length": d.max_length,
                       "max_prompt_length": d.max_prompt_length},
         revision=m.revision, trust_remote_code=m.trust_remote_code,
     )
 
 
-def train_stages(prep: Prepared, *, log: Callable[[str], None]) -> list[dict]:
-    """For each stage: the reference (and base) pass, the TorchTrainer, the held-out pass."""
-    from ray.train import DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def train_stages(prep: Prepared, manifest: Manifest, *, force: bool = False,
+                 log: Callable[[str], None]) -> list[dict]:
+    """For each stage: the reference (and base) pass, the TorchTrainer, the held-out pass. A stage the
+    manifest records as complete with the same inputs is skipped (a resumed run); see `_completed`."""
     from sdpo.caching import model_digest
-    from sdpo.ingest import split_dataset
-    from sdpo.losses import get_loss
-    from sdpo.worker import STAGE_METRICS, STEP_LOG, stage_loop
 
     job, out = prep.job, prep.out
-    world = job.scaling.num_workers
-    data_dir = str((out / "data").resolve())
     settings = pass_settings(prep)
     base = job.model.path
     digests = {BASE: model_digest(base, job.model.revision)}
-    evaluator = HeldOut(prep, settings, data_dir, log)
+    evaluator = HeldOut(prep, settings, storage.join(out, "data"), log)
+    if manifest.eval_digest != prep.digests.get("_eval"):  # another held-out split: rescore it
+        storage.remove(storage.join(out, "eval"))
+        manifest.eval_digest = prep.digests.get("_eval")
     evaluator.start(base)
+    job_dump = job.model_dump(mode="json")
     previous, records = None, []
     for stage in prep.stages:
-        ref = base if stage.reference == BASE else previous
-        init = base if stage.init == BASE else previous
         ref_digest = digests[BASE] if stage.reference == BASE else digests[stage.index - 1]
-        loss = get_loss(stage.loss)
-        passes, gamma = reference_passes(prep, stage, ref, ref_digest, base, digests[BASE], settings, log)
-        precompute = job.reference.mode == "precompute" and loss.needs_reference
-        datasets = {"train": split_dataset(
-            data_dir, stage.partition, num_pairs=stage.num_pairs, world_size=world,
-            shuffle_seed=(job.seed * 1000 + stage.index) if job.training.shuffle else None,
-            reference=passes["reference"].path if precompute else None, groups=loss.listwise,
-        )}
-        trainer = TorchTrainer(
-            stage_loop,
-            train_loop_config=stage_config(job, stage, init, ref, prep.resources.torch_threads),
-            scaling_config=ScalingConfig(num_workers=world, use_gpu=job.scaling.use_gpu,
-                                         resources_per_worker=prep.resources.per_worker),
-            run_config=RunConfig(name=stage.run_name, storage_path=str((out / "ray").resolve())),
-            datasets=datasets,
-            dataset_config=DataConfig(),
+        inputs = stage_inputs(
+            base=digests[BASE], reference=ref_digest,
+            init=digests[BASE] if stage.init == BASE else digests[stage.index - 1],
+            partition=prep.digests[stage.partition], settings=stage_settings(job_dump, stage.to_dict()),
         )
-        log(f"stage {stage.index}/{len(prep.stages)}: training on {stage.partition!r} "
-            f"({stage.num_pairs} pairs, reference {stage.reference}, init {stage.init})")
-        t0 = time.perf_counter()
-        result = trainer.fit()
-        stage_dir = out / "stages" / str(stage.index)
-        model_path = stage_dir / "model"
-        result.checkpoint.to_directory(str(model_path))
-        for name in (STEP_LOG, STAGE_METRICS):
-            shutil.move(str(model_path / name), str(stage_dir / name))
-        digests[stage.index] = model_digest(str(model_path))
-        metrics = json.loads((stage_dir / STAGE_METRICS).read_text())
-        metrics["wall_seconds"] = time.perf_counter() - t0
-        metrics |= gamma["metrics"]
-        metrics |= evaluator.after_stage(stage, result.checkpoint)
-        write_json_atomic(stage_dir / STAGE_METRICS, metrics)
-        records.append({
-            "index": stage.index, "partition": stage.partition, "num_pairs": stage.num_pairs,
-            "reference": base if stage.reference == BASE else records[-1]["model"],
-            "init": base if stage.init == BASE else records[-1]["model"],
-            "model": str(model_path.resolve()), "loss": {"type": stage.loss, "beta": stage.beta, **stage.loss_options},
-            "reference_mode": (job.reference.mode if loss.needs_reference else "none"),
-            "reference_digest": ref_digest, "model_digest": digests[stage.index],
-            "metrics": metrics, "gamma": gamma["histograms"],
-            "cache": {role: e.to_dict() for role, e in passes.items()},
-        })
-        log(stage_line(records[-1]))
-        previous = result.checkpoint
+        done = _completed(prep, manifest, stage, inputs, force, log)
+        if done is not None:
+            records.append(done["record"])
+            digests[stage.index] = done["model_digest"]
+            previous = done["model"]
+            evaluator.restore(stage, previous)
+            log(f"stage {stage.index}/{len(prep.stages)}: complete (model {previous}); skipped")
+            continue
+        record = train_stage(prep, stage, previous, ref_digest, digests, settings, evaluator, log)
+        previous = record["model"]
+        records.append(record)
+        digests[stage.index] = record["model_digest"]
+        manifest.complete(stage.index, inputs=inputs, model=record["model"], model_digest=record["model_digest"],
+                          record=record)
+        storage.write_json_atomic(storage.join(out, MANIFEST), manifest.to_dict())
+        log(stage_line(record))
     return records
+
+
+def _completed(prep: Prepared, manifest: Manifest, stage: StagePlan, inputs: dict, force: bool,
+               log: Callable[[str], None]) -> dict | None:
+    """The manifest's entry for `stage` if it can be reused as is; None if the stage must be trained.
+
+    Reused: recorded with the same inputs, and its model still has the recorded digest. A model that
+    was changed or lost since is retrained (with a log line). Different inputs are an error naming
+    them, or with `force` the stage and every later one are retrained.
+    """
+    from sdpo.caching import model_digest
+
+    done = manifest.stages.get(stage.index)
+    if done is None:
+        return None
+    changed = differences(done["inputs"], inputs)
+    if changed and not force:
+        raise ConfigError(
+            f"stage {stage.index} ({stage.partition!r}) of {prep.out} was completed with other inputs than "
+            f"this job gives it:\n  " + "\n  ".join(changed) + "\nResume with the job it was run with, pass "
+            f"--force to retrain from stage {stage.index}, or use a new output directory."
+        )
+    if changed:
+        log(f"stage {stage.index}: inputs changed ({'; '.join(changed)}); --force: retraining from here")
+    elif not storage.isdir(done["model"]) or model_digest(done["model"]) != done["model_digest"]:
+        log(f"stage {stage.index}: its model {done['model']} is missing or no longer has its recorded digest; "
+            "retraining from here")
+        changed = ["model"]
+    if changed:
+        for i in manifest.drop_from(stage.index):
+            storage.remove(storage.join(prep.out, "stages", str(i)))
+        storage.write_json_atomic(storage.join(prep.out, MANIFEST), manifest.to_dict())
+        return None
+    return done
+
+
+def train_stage(prep: Prepared, stage: StagePlan, previous: Any, ref_digest: str | None, digests: dict,
+                settings: Any, evaluator: HeldOut, log: Callable[[str], None]) -> dict:
+    """One stage: its passes, its TorchTrainer (which continues from its latest checkpoint when Ray
+    Train's storage holds an interrupted run of the same name), its verified model and its record.
+    `previous`: the path of stage t-1's model (its Hugging Face folder under `<output>/stages/`)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sdpo.ingest import split_dataset
+    from sdpo.losses import get_loss
+    from sdpo.worker import STAGE_METRICS, STEP_LOG, TRAIN_STATE, stage_loop
+
+    job, out = prep.job, prep.out
+    world = job.scaling.num_workers
+    base = job.model.path
+    ref = base if stage.reference == BASE else previous
+    init = base if stage.init == BASE else previous
+    loss = get_loss(stage.loss)
+    passes, gamma = reference_passes(prep, stage, ref, ref_digest, base, digests[BASE], settings, log)
+    precompute = job.reference.mode == "precompute" and loss.needs_reference
+    datasets = {"train": split_dataset(
+        storage.join(out, "data"), stage.partition, num_pairs=stage.num_pairs, world_size=world,
+        shuffle_seed=(job.seed * 1000 + stage.index) if job.training.shuffle else None,
+        reference=passes["reference"].path if precompute else None, groups=loss.listwise,
+    )}
+    trainer = TorchTrainer(
+        stage_loop,
+        train_loop_config=stage_config(job, stage, init, ref, prep.resources.torch_threads),
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=job.scaling.use_gpu,
+                                     resources_per_worker=prep.resources.per_worker),
+        run_config=RunConfig(
+            name=stage.run_name, storage_path=storage.join(out, "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.checkpointing.num_to_keep),
+            failure_config=FailureConfig(max_failures=job.checkpointing.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(),
+    )
+    log(f"stage {stage.index}/{len(prep.stages)}: training on {stage.partition!r} "
+        f"({stage.num_pairs} pairs, reference {stage.reference}, init {stage.init})")
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    stage_dir = storage.join(out, "stages", str(stage.index))
+    model = storage.join(stage_dir, "model")
+    digest = _write_stage_model(result.checkpoint, model, stage_dir, (STEP_LOG, STAGE_METRICS), TRAIN_STATE)
+    metrics = storage.read_json(storage.join(stage_dir, STAGE_METRICS))
+    if metrics["steps"] != stage.total_steps:
+        raise RuntimeError(f"stage {stage.index} ran {metrics['steps']} optimiser steps, planned {stage.total_steps}")
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    metrics |= gamma["metrics"]
+    metrics |= evaluator.after_stage(stage, model)
+    storage.write_json_atomic(storage.join(stage_dir, STAGE_METRICS), metrics)
+    return {
+        "index": stage.index, "partition": stage.partition, "num_pairs": stage.num_pairs,
+        "reference": ref, "init": init, "model": model, "loss": {"type": stage.loss, "beta": stage.beta, **stage.loss_options},
+        "reference_mode": (job.reference.mode if loss.needs_reference else "none"),
+        "reference_digest": ref_digest, "model_digest": digest,
+        "metrics": metrics, "gamma": gamma["histograms"],
+        "cache": {role: e.to_dict() for role, e in passes.items()},
+    }
+
+
+def _write_stage_model(checkpoint: Any, model: str, stage_dir: str, side_files: tuple[str, ...],
+                       drop: str) -> str | None:
+    """Copy the stage's final checkpoint to `model` (the step log and metrics beside it, in `stage_dir`)
+    and verify it before the stage can be marked complete: every file came down whole (sizes equal the
+    checkpoint's), and the copy's weights have the digest of what came down. Returns that digest."""
+    import tempfile
+
+    import pyarrow.fs
+
+    from sdpo.caching import model_digest
+
+    with tempfile.TemporaryDirectory(prefix="sdpo-stage-") as tmp:
+        checkpoint.to_directory(tmp)
+        root = checkpoint.path.rstrip("/")
+        for info in checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
+            rel = info.path[len(root):].lstrip("/")
+            if info.type == pyarrow.fs.FileType.File and os.path.getsize(os.path.join(tmp, rel)) != info.size:
+                raise RuntimeError(f"stage checkpoint file {rel} came down incomplete ({info.size} bytes expected)")
+        for name in side_files:
+            storage.write_text_atomic(storage.join(stage_dir, name), Path(tmp, name).read_text())
+            os.remove(os.path.join(tmp, name))
+        os.remove(os.path.join(tmp, drop))
+        expected = model_digest(tmp)
+        storage.remove(model)
+        storage.upload_dir(tmp, model)
+    digest = model_digest(model)
+    if digest != expected:
+        raise RuntimeError(f"stage model {model} does not read back as written (digest {digest} != {expected})")
+    return digest
 
 
 def reference_passes(prep: Prepared, stage: StagePlan, ref: Any, ref_digest: str | None, base: str,
@@ -339,7 +510,7 @@ def reference_passes(prep: Prepared, stage: StagePlan, ref: Any, ref_digest: str
 
     job, out = prep.job, prep.out
     loss = get_loss(stage.loss)
-    split_dir = str((out / "data" / "partitions" / f"split={stage.partition}").resolve())
+    split_dir = storage.join(out, "data", "partitions", f"split={stage.partition}")
     needed = {}
     if loss.needs_reference and (job.reference.mode == "precompute" or job.reference.gamma):
         needed["reference"] = (ref, ref_digest)
@@ -353,7 +524,7 @@ def reference_passes(prep: Prepared, stage: StagePlan, ref: Any, ref_digest: str
             continue
         e = scored_split(split_dir, model=model, model_digest=digest, data_digest=prep.digests[stage.partition],
                          num_rows=stage.num_pairs, settings=settings,
-                         uncached_dir=str((out / "scores" / f"stage{stage.index}-{role}").resolve()), log=log,
+                         uncached_dir=storage.join(out, "scores", f"stage{stage.index}-{role}"), log=log,
                          groups=loss.listwise)
         speed = f", {e.pairs_per_s:.1f} pairs/s" if e.pairs_per_s else ""
         log(f"stage {stage.index}: {role} pass on {stage.partition!r}: cache {e.status} "
@@ -377,20 +548,29 @@ class HeldOut:
     def __init__(self, prep: Prepared, settings: Any, data_dir: str, log: Callable[[str], None]):
         self.prep, self.settings, self.log = prep, settings, log
         self.enabled = sum(prep.spec.eval_sizes.values()) > 0
-        self.eval_dir = prep.out / "eval"
+        self.eval_dir = storage.join(prep.out, "eval")
         self.source = f"{data_dir}/partitions/split=_eval"
         self.sources = [s.name for s in prep.job.data.sources]
 
     def _scores(self, t: int) -> str:
-        return str((self.eval_dir / f"scores_{t}").resolve())
+        return storage.join(self.eval_dir, f"scores_{t}")
 
     def start(self, base: str) -> None:
-        from sdpo.passes import extend_eval
+        from sdpo.passes import eval_complete, extend_eval
 
-        if self.enabled:
+        if self.enabled and not eval_complete(self._scores(0)):
             seconds = extend_eval(self.source, self._scores(0), model=base, prefix="m0_", settings=self.settings,
                                   first=True)
             self.log(f"held-out: base model scored in {seconds:.1f}s")
+
+    def restore(self, stage: StagePlan, model: str) -> None:
+        """A skipped (completed) stage: its score table is reused if complete, else rescored."""
+        from sdpo.passes import eval_complete, extend_eval
+
+        t = stage.index
+        if self.enabled and not eval_complete(self._scores(t)):
+            extend_eval(self._scores(t - 1), self._scores(t), model=model, prefix=f"m{t}_",
+                        settings=self.settings, first=False)
 
     def _metrics(self, table: int, policy: int, reference: int, stage: StagePlan) -> dict[str, float]:
         """The held-out loss is the stage's own loss on each pair; a listwise loss's is DPO's (sigmoid),
@@ -434,10 +614,20 @@ def stage_line(record: dict) -> str:
 
 
 def run(job: JobConfig, *, output_dir: str | None = None, address: str | None = None, overwrite: bool = False,
-        plan_only: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Run (or, with `plan_only`, check and plan) an sDPO job; returns the summary."""
-    out = Path(output_dir or job.output_dir)
-    prepare_output(out, overwrite)
+        plan_only: bool = False, resume: bool = False, force: bool = False,
+        log: Callable[[str], None] = print) -> dict:
+    """Run (or, with `plan_only`, check and plan) an sDPO job; returns the summary.
+
+    `resume`: continue the run in the output directory — completed stages are skipped, an interrupted
+    stage continues from its latest checkpoint; a completed stage whose inputs the job has changed is
+    an error, or with `force` retrained (with every later stage)."""
+    out = storage.abspath(output_dir or job.output_dir)
+    log = _redacting(log)
+    if force and not resume:
+        raise ConfigError("--force applies to --resume (it retrains a resumed run from its first changed stage)")
+    manifest_uri = storage.join(out, MANIFEST)
+    manifest = Manifest.from_dict(storage.read_json(manifest_uri)) if resume and storage.exists(manifest_uri) else None
+    prepare_output(out, overwrite, resume)
     try:
         prep = prepare_run(job, out, address=address, log=log)
     except PlanError as err:
@@ -452,24 +642,55 @@ def run(job: JobConfig, *, output_dir: str | None = None, address: str | None = 
             "eval": prep.spec.eval_sizes, "unused": prep.spec.unused, "tokens": prep.report.tokens,
         },
         "rejected_rows": prep.report.total_rejected,
-        "rejected_rows_file": str((out / REJECTED).resolve()),
+        "rejected_rows_file": storage.join(out, REJECTED),
         "stages": [],
         "final_model": None,
     }
+    if manifest is None:
+        manifest = Manifest(job=summary["config"])
+    manifest.job = summary["config"]
     if not plan_only:
-        summary["stages"] = train_stages(prep, log=log)
+        storage.write_json_atomic(manifest_uri, manifest.to_dict())
+        summary["stages"] = train_stages(prep, manifest, force=force, log=log)
         summary["final_model"] = summary["stages"][-1]["model"]
-    write_json_atomic(out / SUMMARY, summary)
+    storage.write_json_atomic(storage.join(out, SUMMARY), summary)
     if not plan_only:
         from sdpo.report import write_report
 
-        report = write_report(str(out))
+        report = write_report(out)
         log(report.table)
         log(f"report: {report.markdown_path}")
     return summary
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+def _redacting(log: Callable[[str], None]) -> Callable[[str], None]:
+    """Every line the run logs passes `storage.redact`: no credential reaches a log."""
+    return lambda line: log(storage.redact(line))
+
+
+def _check_shared_storage(job: JobConfig, out: str, files: dict[str, list[str]]) -> None:
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    problem = unshared_paths(nodes, job, out, files)
+    if problem:
+        raise ConfigError(problem)
+
+
+def unshared_paths(nodes: int, job: JobConfig, out: str, files: dict[str, list[str]]) -> str | None:
+    """On a multi-node cluster every node reads the partitions, the reference caches and the stage models
+    the others wrote: a local path would exist on one node only. The refusal's message, or None."""
+    if nodes < 2 or job.scaling.shared_filesystem:
+        return None
+    places = [("the output", out)] + ([("reference.cache_dir", job.reference.cache_dir)] if job.reference.cache_dir else [])
+    places += [(f"data.sources[{name}]", paths[0]) for name, paths in files.items() if paths]
+    local = [(what, where) for what, where in places if storage.is_local(where)]
+    if not local:
+        return None
+    names = ", ".join(f"{what} ({where})" for what, where in local)
+    return (
+        f"the Ray cluster has {nodes} nodes, but {names} {'is a local path' if len(local) == 1 else 'are local paths'}: "
+        "what one node writes or reads there, the others cannot see. Put it on object storage (s3://bucket/...; "
+        "credentials and endpoint come from the standard AWS environment), or set scaling.shared_filesystem: true "
+        "if the path is on storage every node mounts (NFS, Lustre)."
+    )

@@ -25,10 +25,19 @@ TOKENS = ("chosen_tokens", "rejected_tokens")
 
 @contextmanager
 def model_directory(ref: Any):
-    """A local directory for a model reference: a path or hub id, or anything with `as_directory()`
-    (a Ray Train Checkpoint) — duck-typed, so this module needs no Ray."""
+    """A local directory for a model reference: a path or hub id, an fsspec URL (s3://..., downloaded
+    to a temporary directory), or anything with `as_directory()` (a Ray Train Checkpoint) — duck-typed,
+    so this module needs no Ray."""
     if hasattr(ref, "as_directory"):
         with ref.as_directory() as d:
+            yield d
+    elif isinstance(ref, str) and "://" in ref and not ref.startswith("file://"):
+        import tempfile
+
+        from sdpo import storage
+
+        with tempfile.TemporaryDirectory(prefix="sdpo-model-") as d:  # a stage model on object storage
+            storage.download_dir(ref, d)
             yield d
     else:
         yield ref

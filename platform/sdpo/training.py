@@ -196,3 +196,39 @@ def scale_gradients(model: torch.nn.Module, factor: float) -> None:
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_(factor)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resumable state: what a mid-stage checkpoint holds besides the weights
+# --------------------------------------------------------------------------------------------------
+def capture_rng() -> dict:
+    """This process's random state (Python, NumPy, torch CPU and CUDA): restored on resume so dropout
+    and anything else random continue exactly where the interrupted run was."""
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_state(optimizer, scheduler, *, rng: list[dict], progress: dict, position: dict) -> dict:
+    """A mid-stage checkpoint's trainer state. `progress`: optimiser steps, pairs and tokens so far and
+    the elapsed seconds; `position`: where the data stream stands — the epoch and the micro-batches of it
+    every rank has consumed (ranks stay in step, so one position serves all); `rng`: one state per rank."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+            "progress": dict(progress), "position": dict(position)}

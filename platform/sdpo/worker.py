@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.train import CheckpointConsistencyMode
 
 from sdpo.logprobs import collate_groups, collate_pairs, row_groups
 from sdpo.scoring import load_model
@@ -34,18 +36,22 @@ from sdpo.training import (
     LossSettings,
     autocast,
     build_optimizer,
+    capture_rng,
     fingerprint,
     freeze,
     lr_multiplier,
     means_from_sums,
     pair_losses,
+    restore_rng,
     scale_gradients,
+    train_state,
     use_bf16,
     weighted_sums,
 )
 
 STEP_LOG = "trainer_log.jsonl"
 STAGE_METRICS = "stage_metrics.json"
+TRAIN_STATE = "train_state.pt"
 
 
 class PairCollate(NumpyBatchCollateFn):
@@ -91,7 +97,15 @@ def _allreduce(t: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def stage_loop(cfg: dict) -> None:
-    """Train one stage. `cfg` is built by `pipeline.stage_config`."""
+    """Train one stage. `cfg` is built by `pipeline.stage_config`.
+
+    Resumable: every `checkpoint_every` optimiser steps rank 0 reports a checkpoint holding the policy,
+    the optimiser and scheduler, every rank's RNG and the data position. When Ray Train restarts the
+    worker group after a failure (`FailureConfig`), or a resumed driver refits the same run, the loop
+    starts from that checkpoint (`ray.train.get_checkpoint()` wins over `init`), skips the micro-batches
+    already consumed in the interrupted epoch, and ends with the same optimiser steps and pairs as an
+    uninterrupted run.
+    """
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Ray Train logs every report's full metrics dict at INFO; the step log and summary carry them.
@@ -102,7 +116,8 @@ def stage_loop(cfg: dict) -> None:
     bf16 = use_bf16(cfg["precision"], device)
     loss = LossSettings(cfg["loss_type"], cfg["beta"], cfg["loss_options"])
 
-    policy = _load(cfg["init"], cfg, device)
+    resume = _resume_point(ray.train.get_checkpoint(), cfg, device)
+    policy = resume["policy"] if resume else _load(cfg["init"], cfg, device)
     reference = None
     if cfg["reference_mode"] == "online" and loss.needs_reference:
         reference = freeze(_load(cfg["reference"], cfg, device))
@@ -123,7 +138,20 @@ def stage_loop(cfg: dict) -> None:
     # window = [real pairs, weighted metric sums..., non-padding tokens] for the current optimiser step
     window = torch.zeros(2 + len(TRAIN_METRICS), device=device)
     state = {"step": 0, "pairs": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
-    for epoch in range(cfg["epochs"]):
+    start_epoch, skip = 0, 0
+    if resume:
+        log, start_epoch, skip = resume["log"], resume["position"]["epoch"], resume["position"]["micro"]
+        progress = resume["progress"]
+        state.update(step=progress["step"], pairs=progress["pairs"], tokens=progress["tokens"],
+                     t0=time.perf_counter() - progress["elapsed_s"])
+        if "optimizer" in resume:
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            restore_rng(resume["rng"][rank])
+        if rank == 0:
+            _progress(f"[stage {cfg['stage']} {cfg['partition']}] resuming from its checkpoint at step "
+                      f"{state['step']}/{total} (epoch {start_epoch + 1}, {skip} micro-batches in)")
+    for epoch in range(start_epoch, cfg["epochs"] if state["step"] < total else start_epoch):
         # The partition is globally shuffled once per stage; later epochs also reshuffle locally, so
         # no two epochs see the same order (every rank still gets the same number of batches).
         reshuffle = cfg["shuffle"] and epoch > 0
@@ -135,6 +163,8 @@ def stage_loop(cfg: dict) -> None:
         )
         micro = 0
         for micro, batch in enumerate(batches, start=1):
+            if epoch == start_epoch and micro <= skip:
+                continue  # consumed before the interruption: the stream is deterministic, so skip it
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(bf16, device):
                 losses, metrics = pair_losses(model, reference, batch, loss)
@@ -143,6 +173,11 @@ def stage_loop(cfg: dict) -> None:
             window[-1] += _real_tokens(batch)
             if micro % accum == 0:
                 log.append(_optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch))
+                every = cfg.get("checkpoint_every")
+                if every and state["step"] % every == 0 and state["step"] < total:
+                    _checkpoint(policy, optimizer, scheduler, log, state, {"epoch": epoch, "micro": micro}, rank,
+                                world, cfg)
+                _inject_fault(cfg, state["step"], rank)
         if micro % accum:  # a partial window at the end of the epoch
             log.append(_optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch))
 
@@ -151,7 +186,78 @@ def stage_loop(cfg: dict) -> None:
         summary["reference_fingerprint"] = reference_digest
         summary["reference_unchanged"] = rank != 0 or fingerprint(reference) == reference_digest
     summary["pairs_trained"] = state["pairs"]
-    _report(policy, cfg, log, summary, rank)
+    summary["resumed_from_step"] = resume["progress"]["step"] if resume else None
+    _report(policy, cfg, log, summary, rank, progress=_progress_of(state), position={"epoch": cfg["epochs"], "micro": 0})
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+# --------------------------------------------------------------------------------------------------
+def _progress_of(state: dict) -> dict:
+    return {"step": state["step"], "pairs": state["pairs"], "tokens": state["tokens"],
+            "elapsed_s": time.perf_counter() - state["t0"]}
+
+
+def _resume_point(checkpoint, cfg: dict, device: torch.device) -> dict | None:
+    """The state saved in this run's latest checkpoint (mid-stage, or the stage's final one), if any."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        path = Path(d, TRAIN_STATE)
+        if not path.exists():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved["log"] = [json.loads(line) for line in Path(d, STEP_LOG).read_text().splitlines() if line]
+        saved["policy"] = load_model(d, dtype=torch.float32, device=device,
+                                     trust_remote_code=cfg["trust_remote_code"])
+    return saved
+
+
+def _gather(obj: Any, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _checkpoint(policy, optimizer, scheduler, log, state, position, rank, world, cfg) -> None:
+    """A mid-stage checkpoint (a barrier: every rank reports, rank 0 with the files)."""
+    rngs = _gather(capture_rng(), world)
+    metrics = {"checkpoint_step": state["step"]}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        policy.save_pretrained(tmp)
+        torch.save(train_state(optimizer, scheduler, rng=rngs, progress=_progress_of(state), position=position),
+                   Path(tmp, TRAIN_STATE))
+        Path(tmp, STEP_LOG).write_text("".join(json.dumps(e) + "\n" for e in log))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    # The controller registers reports when it next polls the workers (every ~2 s): until then a crash
+    # would lose this checkpoint. Wait until it is committed, so a checkpoint logged is one that counts.
+    ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+    if rank == 0:
+        _progress(f"[stage {cfg['stage']} {cfg['partition']}] checkpoint at step {state['step']} committed")
+
+
+def _inject_fault(cfg: dict, step: int, rank: int) -> None:
+    """Fault injection for tests and drills: `SDPO_INJECT_FAULT="stage=2,step=5,rank=0,once=/tmp/marker"`
+    makes that rank exit hard (no cleanup, like a lost node) right after that optimiser step, once: the
+    marker file records that it fired."""
+    spec = cfg.get("inject_fault")
+    if not spec:
+        return
+    f = dict(item.split("=", 1) for item in spec.split(","))
+    if int(f["stage"]) != cfg["stage"] or int(f["step"]) != step or int(f.get("rank", 0)) != rank:
+        return
+    marker = f.get("once")
+    if marker:
+        if os.path.exists(marker):
+            return
+        Path(marker).write_text(f"fired at stage {cfg['stage']} step {step} rank {rank}\n")
+    _progress(f"[stage {cfg['stage']}] injected fault: rank {rank} exits at step {step}")
+    os._exit(1)
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -214,7 +320,9 @@ def _stage_summary(log, steps, seconds) -> dict:
     return out
 
 
-def _report(policy, cfg, log, summary, rank) -> None:
+def _report(policy, cfg, log, summary, rank, *, progress: dict, position: dict) -> None:
+    """The stage's final checkpoint: the model and tokenizer in Hugging Face format, the step log and
+    metrics, and a small trainer state marking the stage complete (no optimiser: nothing to resume)."""
     if rank != 0:
         ray.train.report(summary, checkpoint=None)
         return
@@ -226,4 +334,5 @@ def _report(policy, cfg, log, summary, rank) -> None:
                                       trust_remote_code=cfg["trust_remote_code"]).save_pretrained(tmp)
         Path(tmp, STEP_LOG).write_text("".join(json.dumps(e) + "\n" for e in log))
         Path(tmp, STAGE_METRICS).write_text(json.dumps(summary, indent=2))
+        torch.save({"progress": progress, "position": position}, Path(tmp, TRAIN_STATE))
         ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))
