@@ -13,7 +13,7 @@ import sdpo
 ROOT = Path(__file__).resolve().parents[1]
 RAY_FREE = ["sdpo.config", "sdpo.rows", "sdpo.partition", "sdpo.losses", "sdpo.logprobs", "sdpo.plan",
             "sdpo.training", "sdpo.assets", "sdpo.storage", "sdpo.manifest", "sdpo.scoring", "sdpo.caching",
-            "sdpo.diagnostics", "sdpo.report"]
+            "sdpo.diagnostics", "sdpo.report", "sdpo.inputs", "sdpo.stage_store", "sdpo.tuning", "sdpo.tune_results"]
 
 
 @pytest.mark.parametrize("name", sorted(m.name for m in pkgutil.walk_packages(sdpo.__path__, "sdpo.")))

@@ -1,4 +1,4 @@
-"""The `sdpo` command line: `sdpo run`, `sdpo validate`, `sdpo report`."""
+"""The `sdpo` command line: `sdpo run`, `sdpo validate`, `sdpo tune`, `sdpo report`."""
 
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=CONFIG_HELP)
     _job_args(val)
     val.add_argument("--output", help="keep the ingest results here (default: a temporary directory)")
+    tun = sub.add_parser("tune", help="search the data schedule (orderings, stages, strategies, hyperparameters) "
+                         "with Ray Tune", epilog="space file reference: README.md, section 'Tune'")
+    tun.add_argument("space", help="tune space (YAML), e.g. tune_spaces/orderings.yaml")
+    tun.add_argument("--output", help="experiment directory (default: <base job's output_dir>/<space name>)")
+    tun.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                     help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
     rep = sub.add_parser("report", help="write report.md and plots/ for a finished run, print its stage table")
     rep.add_argument("run_dir", help="the run's output directory (local or fsspec URL, e.g. s3://bucket/run)")
     return parser
@@ -64,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":
         return report(args.run_dir)
+    if args.command == "tune":
+        from sdpo.tune import run_tune
+
+        try:
+            run_tune(args.space, output=args.output, address=args.address)
+        except (ConfigError, StorageError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     from sdpo.pipeline import run
 
     try:

@@ -223,7 +223,8 @@ class Prepared:
     digests: dict[str, str]  # partition (and "_eval") -> content digest
 
 
-def prepare_run(job: JobConfig, out: str, *, address: str | None, log: Callable[[str], None]) -> Prepared:
+def prepare_run(job: JobConfig, out: str, *, address: str | None, log: Callable[[str], None],
+                cluster: dict[str, float] | None = None) -> Prepared:
     """Everything before training: checks, ingest, split, plan. Raises before any compute is spent."""
     import ray
 
@@ -236,10 +237,11 @@ def prepare_run(job: JobConfig, out: str, *, address: str | None, log: Callable[
     init_ray(address)
     _check_shared_storage(job, out, files)
     s = job.scaling
-    resources = plan_resources(ray.cluster_resources(), num_workers=s.num_workers, use_gpu=s.use_gpu,
+    cluster = cluster or ray.cluster_resources()  # a Tune trial plans within its share
+    resources = plan_resources(cluster, num_workers=s.num_workers, use_gpu=s.use_gpu,
                                data_cpus=s.data_cpus, resources_per_worker=s.resources_per_worker)
     r = job.reference
-    scoring = plan_scoring(ray.cluster_resources(), use_gpu=s.use_gpu, data_cpus=s.data_cpus,
+    scoring = plan_scoring(cluster, use_gpu=s.use_gpu, data_cpus=s.data_cpus,
                            num_actors=r.num_actors, num_gpus_per_actor=r.num_gpus_per_actor,
                            num_cpus_per_actor=r.num_cpus_per_actor, precision=r.precision)
     data_dir = storage.join(out, "data")
@@ -327,10 +329,13 @@ def pass_settings(prep: Prepared) -> Any:
     )
 
 
-def train_stages(prep: Prepared, manifest: Manifest, *, force: bool = False,
-                 log: Callable[[str], None]) -> list[dict]:
+def train_stages(prep: Prepared, manifest: Manifest, *, force: bool = False, store: Any = None,
+                 on_stage: Callable[[dict, bool], None] | None = None, log: Callable[[str], None]) -> list[dict]:
     """For each stage: the reference (and base) pass, the TorchTrainer, the held-out pass. A stage the
-    manifest records as complete with the same inputs is skipped (a resumed run); see `_completed`."""
+    manifest records as complete with the same inputs is skipped (a resumed run); see `_completed`.
+    With a `StageStore` (a search's trials), a stage another trial trained with the same inputs is
+    reused from it, and a stage trained here is published to it. `on_stage(record, reused)` is called
+    after every stage (Tune reports there)."""
     from sdpo.caching import model_digest
 
     job, out = prep.job, prep.out
@@ -358,8 +363,21 @@ def train_stages(prep: Prepared, manifest: Manifest, *, force: bool = False,
             previous = done["model"]
             evaluator.restore(stage, previous)
             log(f"stage {stage.index}/{len(prep.stages)}: complete (model {previous}); skipped")
+            if on_stage:
+                on_stage(done["record"], bool(done["record"].get("reused_from")))
             continue
-        record = train_stage(prep, stage, previous, ref_digest, digests, settings, evaluator, log)
+        stored = store.claim(inputs) if store is not None else None
+        if stored is not None:
+            record = _reuse(prep, stage, stored, previous, evaluator, log)
+        else:
+            try:
+                record = train_stage(prep, stage, previous, ref_digest, digests, settings, evaluator, log)
+            except BaseException:
+                if store is not None:
+                    store.release(inputs)
+                raise
+            if store is not None:
+                store.publish(inputs, stage_dir=storage.join(out, "stages", str(stage.index)), record=record)
         previous = record["model"]
         records.append(record)
         digests[stage.index] = record["model_digest"]
@@ -367,7 +385,31 @@ def train_stages(prep: Prepared, manifest: Manifest, *, force: bool = False,
                           record=record)
         storage.write_json_atomic(storage.join(out, MANIFEST), manifest.to_dict())
         log(stage_line(record))
+        if on_stage:
+            on_stage(record, stored is not None)
     return records
+
+
+def _reuse(prep: Prepared, stage: StagePlan, stored: Any, previous: str | None, evaluator: HeldOut,
+           log: Callable[[str], None]) -> dict:
+    """A stage another trial trained with the same inputs: its model stays in the store, its step log
+    and metrics are copied here, and the held-out metrics are recomputed on this run's eval split."""
+    from sdpo.worker import STAGE_METRICS, STEP_LOG
+
+    stage_dir = storage.join(prep.out, "stages", str(stage.index))
+    for name in (STEP_LOG, STAGE_METRICS):
+        storage.write_text_atomic(storage.join(stage_dir, name), storage.read_text(storage.join(stored.stage_dir, name)))
+    record = dict(stored.record)
+    base = prep.job.model.path
+    record.update(
+        model=stored.model, reused_from=stored.key,
+        reference=base if stage.reference == BASE else previous, init=base if stage.init == BASE else previous,
+        metrics={k: v for k, v in record["metrics"].items() if "eval/" not in k} | evaluator.after_stage(stage, stored.model),
+    )
+    storage.write_json_atomic(storage.join(stage_dir, STAGE_METRICS), record["metrics"])
+    log(f"stage {stage.index}/{len(prep.stages)}: reused from the stage store ({stored.key}, "
+        f"{record['metrics'].get('steps', 0)} optimiser steps not retrained)")
+    return record
 
 
 def _completed(prep: Prepared, manifest: Manifest, stage: StagePlan, inputs: dict, force: bool,
@@ -615,12 +657,14 @@ def stage_line(record: dict) -> str:
 
 def run(job: JobConfig, *, output_dir: str | None = None, address: str | None = None, overwrite: bool = False,
         plan_only: bool = False, resume: bool = False, force: bool = False,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print, store: Any = None, cluster: dict[str, float] | None = None,
+        on_stage: Callable[[dict, bool], None] | None = None) -> dict:
     """Run (or, with `plan_only`, check and plan) an sDPO job; returns the summary.
 
     `resume`: continue the run in the output directory — completed stages are skipped, an interrupted
     stage continues from its latest checkpoint; a completed stage whose inputs the job has changed is
-    an error, or with `force` retrained (with every later stage)."""
+    an error, or with `force` retrained (with every later stage). `store`, `cluster` and `on_stage` are for
+    Tune trials (see `train_stages` and `tune.py`)."""
     out = storage.abspath(output_dir or job.output_dir)
     log = _redacting(log)
     if force and not resume:
@@ -629,7 +673,7 @@ def run(job: JobConfig, *, output_dir: str | None = None, address: str | None = 
     manifest = Manifest.from_dict(storage.read_json(manifest_uri)) if resume and storage.exists(manifest_uri) else None
     prepare_output(out, overwrite, resume)
     try:
-        prep = prepare_run(job, out, address=address, log=log)
+        prep = prepare_run(job, out, address=address, log=log, cluster=cluster)
     except PlanError as err:
         raise ConfigError(str(err)) from None
     summary = {
@@ -651,7 +695,7 @@ def run(job: JobConfig, *, output_dir: str | None = None, address: str | None = 
     manifest.job = summary["config"]
     if not plan_only:
         storage.write_json_atomic(manifest_uri, manifest.to_dict())
-        summary["stages"] = train_stages(prep, manifest, force=force, log=log)
+        summary["stages"] = train_stages(prep, manifest, force=force, store=store, on_stage=on_stage, log=log)
         summary["final_model"] = summary["stages"][-1]["model"]
     storage.write_json_atomic(storage.join(out, SUMMARY), summary)
     if not plan_only:
