@@ -14,6 +14,11 @@ of *cut-offs* on those keys, computed once from the keys alone:
 Strategies: `natural` (one partition per source, in the listed order — the sDPO paper's split),
 `random` (pool the sources, k parts), `stratified` (cut each source into k parts with the same
 proportions, so every part has the same source mix — the paper's "sDPO Strat.").
+
+Score strategies (`easy_to_hard`, `hard_to_easy`, `score_column`) cut on a per-pair score instead,
+pooled or within each source, and a selection (`learnability_top`) first keeps the top share of the
+training rows by learnability; the dropped rows are accounted for (`DROPPED`, `PartitionSpec.dropped`).
+The score arithmetic is `sdpo.ranking`.
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sdpo import ranking
+
 KEY_SPACE = 1 << 62  # keys lie in [0, KEY_SPACE); KEY_SPACE itself is the "after every key" cut-off
 EVAL = -1  # partition index of held-out rows
 UNUSED = -2  # rows of a source that the natural order leaves out
+DROPPED = -3  # rows the selection (learnability_top) leaves out
+SCORE_STRATEGIES = ("easy_to_hard", "hard_to_easy", "score_column")
 
 
 def row_keys(source: str, file_name: str, line: int, seed: int) -> tuple[int, int]:
@@ -148,9 +157,21 @@ class PartitionSpec:
     natural_index: dict[str, int] = field(default_factory=dict)  # natural: source -> partition
     split_cuts: dict[str, list[int]] = field(default_factory=dict)  # source (or "*") -> cut-offs
     unused: dict[str, int] = field(default_factory=dict)  # source -> rows not in any partition
+    # score strategies: source (or "*") -> cut-offs on (order value, split key); order value = the
+    # score, negated when `descending` (stage 1 gets the highest scores)
+    score_cuts: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    descending: bool = True
+    select_cut: tuple[float, int] | None = None  # selection: rows kept = at or past it on (learnability, key)
+    dropped: dict[str, int] = field(default_factory=dict)  # source -> training rows the selection dropped
 
-    def assign(self, sources: np.ndarray, eval_keys: np.ndarray, split_keys: np.ndarray) -> np.ndarray:
-        """Partition index per row: 0..k-1, EVAL, or UNUSED."""
+    @property
+    def needs_scores(self) -> bool:
+        return self.strategy in SCORE_STRATEGIES
+
+    def assign(self, sources: np.ndarray, eval_keys: np.ndarray, split_keys: np.ndarray,
+               scores: np.ndarray | None = None, learn: np.ndarray | None = None) -> np.ndarray:
+        """Partition index per row: 0..k-1, EVAL, UNUSED or DROPPED. `scores` (score strategies) and
+        `learn` (a selection) are per row; held-out rows' values are never read (NaN is fine)."""
         out = np.empty(len(sources), dtype=np.int64)
         for src in np.unique(sources):
             rows = sources == src
@@ -159,9 +180,15 @@ class PartitionSpec:
             if self.strategy == "natural":
                 if src in self.natural_index:
                     part[:] = self.natural_index[src]
+            elif self.needs_scores:
+                cuts = self.score_cuts.get(src, self.score_cuts.get("*"))
+                values = -scores[rows] if self.descending else scores[rows]
+                part[:] = ranking.parts_by_order(values, split_keys[rows], cuts)
             else:
                 cuts = self.split_cuts.get(src, self.split_cuts.get("*"))
                 part[:] = np.searchsorted(np.asarray(cuts, dtype=np.int64), split_keys[rows], side="right")
+            if self.select_cut is not None:
+                part[~ranking.at_or_past(learn[rows], split_keys[rows], self.select_cut)] = DROPPED
             part[eval_keys[rows] < self.eval_cut.get(src, 0)] = EVAL
             out[rows] = part
         return out
@@ -176,22 +203,42 @@ def plan_partitions(
     proportions: Sequence[float] | str | None = None,
     eval_fraction: float = 0.0,
     eval_cap: int | None = None,
+    scores: dict[str, np.ndarray] | None = None,
+    descending: bool = True,
+    within_source: bool = False,
+    learn: dict[str, np.ndarray] | None = None,
+    keep_fraction: float | None = None,
 ) -> PartitionSpec:
     """Compute a split from each source's (eval keys, split keys) of its valid rows.
 
-    `keys` is ordered as the sources are listed in the job.
+    `keys` is ordered as the sources are listed in the job. Score strategies need `scores` (per source,
+    aligned with its keys; held-out rows may be NaN); a selection needs `learn` and `keep_fraction`:
+    the top `keep_fraction` of all training rows by learnability are kept, the rest dropped, and the
+    strategy then splits the kept rows.
     """
-    eval_cut, eval_sizes, train_keys = {}, {}, {}
-    for src, (ek, sk) in keys.items():
+    eval_cut, eval_sizes, train = {}, {}, {}
+    for src, (ek, _) in keys.items():
         eval_cut[src], eval_sizes[src] = eval_cutoff(ek, eval_fraction, eval_cap)
-        train_keys[src] = sk[ek >= eval_cut[src]]
+        train[src] = ek >= eval_cut[src]
+    select_cut, dropped = None, {}
+    if keep_fraction is not None:
+        if learn is None:
+            raise ValueError("a selection needs the learnability of every training row")
+        pooled = [(learn[s][train[s]], keys[s][1][train[s]]) for s in keys]
+        select_cut, _ = ranking.top_cut(*_concat(pooled), keep_fraction)
+        for src in keys:
+            kept = ranking.at_or_past(learn[src], keys[src][1], select_cut)
+            dropped[src] = int((train[src] & ~kept).sum())
+            train[src] &= kept
+    train_keys = {src: sk[train[src]] for src, (_, sk) in keys.items()}
+    common = dict(select_cut=select_cut, dropped=dropped)
 
     if strategy == "natural":
         names = list(order or keys)
         unused = {s: len(k) for s, k in train_keys.items() if s not in names}
         return PartitionSpec(
             strategy, names, [len(train_keys[s]) for s in names], eval_cut, eval_sizes,
-            natural_index={s: i for i, s in enumerate(names)}, unused=unused,
+            natural_index={s: i for i, s in enumerate(names)}, unused=unused, **common,
         )
 
     if proportions == "natural":
@@ -201,6 +248,20 @@ def plan_partitions(
     else:
         props = [1.0] * (num_parts or 2)
     names = [f"part{i + 1}" for i in range(len(props))]
+    if strategy in SCORE_STRATEGIES:
+        if scores is None:
+            raise ValueError(f"strategy {strategy} needs a score for every training row")
+        sign = -1.0 if descending else 1.0
+        ordered = {s: (sign * scores[s][train[s]], train_keys[s]) for s in keys}
+        if within_source:  # every source cut into the same proportions, each in its own score order
+            table = {s: split_sizes(len(k), props) for s, (_, k) in ordered.items()}
+            sizes = [int(x) for x in np.sum(list(table.values()), axis=0)] if table else [0] * len(props)
+            cuts = {s: ranking.order_cutoffs(v, k, table[s]) for s, (v, k) in ordered.items()}
+        else:
+            sizes = split_sizes(sum(len(k) for k in train_keys.values()), props)
+            cuts = {"*": ranking.order_cutoffs(*_concat(list(ordered.values())), sizes)}
+        return PartitionSpec(strategy, names, sizes, eval_cut, eval_sizes, score_cuts=cuts,
+                             descending=descending, **common)
     if strategy == "random":
         pooled = np.concatenate(list(train_keys.values())) if train_keys else np.empty(0, np.int64)
         sizes = split_sizes(len(pooled), props)
@@ -211,5 +272,12 @@ def plan_partitions(
         table = stratified_sizes([len(k) for k in train_keys.values()], sizes)
         cuts = {s: cutoffs(train_keys[s], row) for s, row in zip(train_keys, table, strict=True)}
     else:
-        raise ValueError(f"unknown split strategy {strategy!r}; use natural, random or stratified")
-    return PartitionSpec(strategy, names, sizes, eval_cut, eval_sizes, split_cuts=cuts)
+        raise ValueError(f"unknown split strategy {strategy!r}; use natural, random, stratified or one of "
+                         f"{list(SCORE_STRATEGIES)}")
+    return PartitionSpec(strategy, names, sizes, eval_cut, eval_sizes, split_cuts=cuts, **common)
+
+
+def _concat(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not pairs:
+        return np.empty(0, np.float64), np.empty(0, np.int64)
+    return np.concatenate([v for v, _ in pairs]), np.concatenate([k for _, k in pairs])

@@ -1,0 +1,109 @@
+"""Per-pair scores and the arithmetic of ordering and selecting by them. Pure NumPy, no Ray, no torch.
+
+Difficulty and learnability strategies (easy_to_hard, hard_to_easy, score_column, learnability_top)
+split on a *score* instead of a hash key. Scores can tie (identical pairs, coarse user scores), so a
+row's place in the order is the pair (value, split key): the split key is a seeded hash of the row's
+identity, which makes every cut exact and the split deterministic whatever the block layout. A cut-off
+is one such pair, and a row is at or past the cut-off when (value, key) >= (cut value, cut key)
+lexicographically — a few floats and integers that every Ray Data task can carry.
+
+Scores (see `sdpo.passes` for the passes that produce the log-probs):
+
+- difficulty: the base model's implicit preference margin γ = log π(y_w|x) − log π(y_l|x) (summed
+  completion log-probs), or its per-token variant (each log-prob divided by its completion's token
+  count). High γ = the model already prefers the chosen response = easy.
+- learnability (LoBaSS, arXiv 2310.13008, adapted to pairs): (L_init − L_ft) / L_init, L the pair's
+  loss under the initial model and under the probe (the initial model briefly trained on all pairs).
+  `dpo`: the pair's DPO loss with the initial model as the reference. Under the initial model itself
+  every pair's loss is then exactly ln 2 (ρ = 0), so L_init = ln 2 for all pairs and learnability is
+  (ln 2 − L_ft) / ln 2 = a monotone function of how far the probe moved the pair's margin ρ: positive
+  for pairs the probe learnt, negative for pairs it unlearnt (label noise that fights the rest of the
+  data), near 0 for pairs it could not move. `nll`: the chosen response's per-token NLL, whose L_init
+  differs per pair (low for responses the model already writes, which then score near 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+LN2 = math.log(2.0)
+AFTER_ALL = (math.inf, 1 << 62)  # a cut-off after every row: (value, key) never reaches it
+BEFORE_ALL = (-math.inf, -1)  # a cut-off before every row
+
+
+def margin(chosen_logps: np.ndarray, rejected_logps: np.ndarray, chosen_tokens: np.ndarray,
+           rejected_tokens: np.ndarray, *, per_token: bool = False) -> np.ndarray:
+    """γ per pair: summed log-probs, or per-token means (a longer rejected response then costs nothing)."""
+    c, r = np.asarray(chosen_logps, np.float64), np.asarray(rejected_logps, np.float64)
+    if per_token:
+        c = c / np.maximum(np.asarray(chosen_tokens, np.float64), 1.0)
+        r = r / np.maximum(np.asarray(rejected_tokens, np.float64), 1.0)
+    return c - r
+
+
+def learnability(init: dict[str, np.ndarray], probe: dict[str, np.ndarray], *, loss: str, beta: float) -> np.ndarray:
+    """(L_init − L_ft) / L_init per pair from the two models' scores (`chosen_logps`, `rejected_logps`,
+    `chosen_tokens` arrays, aligned). See the module docstring for the two losses."""
+    if loss == "dpo":
+        rho = (probe["chosen_logps"] - init["chosen_logps"]) - (probe["rejected_logps"] - init["rejected_logps"])
+        l_ft = np.logaddexp(0.0, -beta * np.asarray(rho, np.float64))  # −log σ(βρ), stable
+        return (LN2 - l_ft) / LN2
+    if loss == "nll":
+        tokens = np.maximum(np.asarray(init["chosen_tokens"], np.float64), 1.0)
+        l_init = -np.asarray(init["chosen_logps"], np.float64) / tokens
+        l_ft = -np.asarray(probe["chosen_logps"], np.float64) / tokens
+        return (l_init - l_ft) / np.maximum(l_init, 1e-12)
+    raise ValueError(f"unknown learnability loss {loss!r}; use dpo or nll")
+
+
+def at_or_past(values: np.ndarray, keys: np.ndarray, cut: tuple[float, int]) -> np.ndarray:
+    """Whether (value, key) >= cut, lexicographically, per row."""
+    v, k = np.asarray(values, np.float64), np.asarray(keys, np.int64)
+    return (v > cut[0]) | ((v == cut[0]) & (k >= cut[1]))
+
+
+def order_cutoffs(values: np.ndarray, keys: np.ndarray, sizes: Sequence[int]) -> list[tuple[float, int]]:
+    """Cut-offs c_1..c_{k-1} on (value, key), ascending: part j = rows in [c_j, c_{j+1}) holds sizes[j] rows."""
+    n = len(values)
+    if sum(sizes) != n:
+        raise ValueError(f"sizes {list(sizes)} do not add up to {n} rows")
+    v, k = np.asarray(values, np.float64), np.asarray(keys, np.int64)
+    if np.isnan(v).any():
+        raise ValueError("scores must be numbers; got NaN")
+    order = np.lexsort((k, v))  # by value, ties by key
+    bounds = np.cumsum(sizes)[:-1]
+    return [(float(v[order[b]]), int(k[order[b]])) if b < n else AFTER_ALL for b in bounds]
+
+
+def parts_by_order(values: np.ndarray, keys: np.ndarray, cuts: Sequence[tuple[float, int]]) -> np.ndarray:
+    """Part index per row: how many cut-offs its (value, key) is at or past."""
+    out = np.zeros(len(values), np.int64)
+    for cut in cuts:
+        out += at_or_past(values, keys, cut)
+    return out
+
+
+def top_cut(values: np.ndarray, keys: np.ndarray, fraction: float) -> tuple[tuple[float, int], int]:
+    """(cut, kept): the rows whose (value, key) is at or past `cut` are the top `kept` =
+    round(fraction * n) rows by value (at least one row when there are any)."""
+    n = len(values)
+    kept = min(n, max(1 if n else 0, round(fraction * n)))
+    if kept == n:
+        return BEFORE_ALL, n
+    return order_cutoffs(values, keys, [n - kept, kept])[0], kept
+
+
+def histogram(values: np.ndarray, bins: int = 30, edges: np.ndarray | None = None) -> dict:
+    """{edges, counts} of the finite values (for summary.json and the report's plots)."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if edges is None:
+        if not len(v):
+            return {"edges": [], "counts": []}
+        lo, hi = float(v.min()), float(v.max())
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    counts, edges = np.histogram(v, bins=edges)
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
