@@ -141,6 +141,14 @@ def test_missing_model(tmp_path):
     ({"strategy": "stratified", "num_parts": 3, "proportions": [1, 2]}, "num_parts (3) disagrees"),
     ({"strategy": "random", "proportions": "natural", "num_parts": 3}, "drop num_parts"),
     ({"strategy": "random", "proportions": [1, 0]}, "partitioning.proportions"),
+    ({"strategy": "score_column"}, "needs score_field"),
+    ({"strategy": "random", "within_source": True}, "apply to the score strategies"),
+    ({"strategy": "natural", "difficulty": "margin_per_token"}, "apply to the score strategies"),
+    ({"strategy": "easy_to_hard", "score_field": "s"}, "score_column only"),
+    ({"selection": {"top_fraction": 0.3}}, "apply to strategy learnability_top"),
+    ({"selection": {"strategy": "learnability_top", "top_fraction": 0}}, "partitioning.selection.top_fraction"),
+    ({"selection": {"strategy": "learnability_top", "loss": "kl"}}, "partitioning.selection.loss"),
+    ({"selection": {"strategy": "learnability_top", "probe": {"fraction": 1.5}}}, "selection.probe.fraction"),
 ])
 def test_inconsistent_partitioning(tmp_path, partitioning, fragment):
     assert fragment in load_error(tmp_path, job_dict(partitioning=partitioning))
@@ -207,6 +215,11 @@ def test_malformed_overrides(override, fragment):
     {"partitioning": {"strategy": "stratified", "proportions": [1, 2], "seed": 3},
      "stages": [{"beta": 0.2}, {}], "training": {"adam_betas": [0.8, 0.95], "lr_scheduler": "cosine"},
      "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}}, "init": "base"},
+    {"partitioning": {"strategy": "easy_to_hard", "num_parts": 3, "within_source": True,
+                      "difficulty": "margin_per_token",
+                      "selection": {"strategy": "learnability_top", "top_fraction": 0.2, "loss": "nll",
+                                    "probe": {"epochs": 2, "fraction": 0.5, "learning_rate": 1e-4}}}},
+    {"partitioning": {"strategy": "score_column", "score_field": "quality", "score_order": "ascending"}},
 ])
 def test_dump_parse_round_trip(extra):
     """dump_job -> YAML -> parse_job gives back an equal model (nothing lost in serialisation)."""
@@ -224,6 +237,9 @@ def test_dump_parse_round_trip(extra):
     ({"strategy": "random", "num_parts": 5}, 5),
     ({"strategy": "stratified", "proportions": [1, 1, 2]}, 3),
     ({"strategy": "stratified", "proportions": "natural"}, 2),
+    ({"strategy": "easy_to_hard", "num_parts": 3}, 3),
+    ({"strategy": "hard_to_easy", "proportions": [1, 1, 1, 1]}, 4),
+    ({"strategy": "score_column", "score_field": "q"}, 2),
 ])
 def test_num_partitions(partitioning, expected):
     assert parse_job(job_dict(partitioning=partitioning)).num_partitions() == expected

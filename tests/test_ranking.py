@@ -102,14 +102,28 @@ def test_margin_and_its_per_token_variant():
     assert g.tolist() == [pytest.approx(-2.0 + 3.0)]
 
 
-def test_learnability_dpo_is_relative_to_ln2_and_nll_to_the_initial_loss():
-    init = {"chosen_logps": np.array([-10.0, -10.0, -10.0]), "rejected_logps": np.array([-11.0, -11.0, -11.0]),
-            "chosen_tokens": np.array([5, 5, 5])}
-    probe = {"chosen_logps": np.array([-8.0, -10.0, -12.0]), "rejected_logps": np.array([-11.0, -11.0, -9.0]),
-             "chosen_tokens": np.array([5, 5, 5])}
+def test_learnability_of_the_three_losses():
+    init = {"chosen_logps": np.array([-10.0, -10.0, -10.0, -10.0]), "rejected_logps": np.array([-11.0, -11.0, -11.0, -60.0]),
+            "chosen_tokens": np.array([5, 5, 5, 5])}
+    probe = {"chosen_logps": np.array([-8.0, -10.0, -12.0, -10.0]), "rejected_logps": np.array([-11.0, -11.0, -9.0, -70.0]),
+             "chosen_tokens": np.array([5, 5, 5, 5])}
+    ln2 = math.log(2)
     dpo = ranking.learnability(init, probe, loss="dpo", beta=0.5)
-    # rho = 2, 0, -4: -log sigmoid(0.5 rho) = 0.313262, ln 2, 2.126928
-    assert dpo == pytest.approx([(math.log(2) - 0.3132617) / math.log(2), 0.0,
-                                 (math.log(2) - 2.1269280) / math.log(2)], abs=1e-6)
+    # rho = 2, 0, -4, 10: -log sigmoid(0.5 rho) = 0.313262, ln 2, 2.126928, 0.006715 (whatever the initial margin)
+    assert dpo == pytest.approx([(ln2 - 0.3132617) / ln2, 0.0, (ln2 - 2.1269280) / ln2, (ln2 - 0.0067153) / ln2],
+                                abs=1e-6)
+    margin = ranking.learnability(init, probe, loss="margin", beta=0.5)
+    # gamma 1 -> 3, 1 -> 1, 1 -> -3, 50 -> 60: losses 0.474077 -> 0.201413, =, -> 1.701413, ~1e-11 -> ~1e-13
+    assert margin == pytest.approx([(0.4740770 - 0.2014133) / ln2, 0.0, (0.4740770 - 1.7014133) / ln2, 0.0],
+                                   abs=1e-6)
     nll = ranking.learnability(init, probe, loss="nll", beta=0.5)
-    assert nll == pytest.approx([0.2, 0.0, -0.2])  # per-token NLL 2 -> 1.6, 2, 2.4
+    assert nll == pytest.approx([0.2, 0.0, -0.2, 0.0])  # per-token NLL 2 -> 1.6, 2, 2.4, 2
+    with pytest.raises(ValueError, match="unknown learnability loss"):
+        ranking.learnability(init, probe, loss="kl", beta=0.5)
+
+
+def test_score_table_finds_scores_by_content_key():
+    table = ranking.ScoreTable(np.array([30, 10, 20]), {"difficulty": np.array([3.0, 1.0, 2.0])})
+    got = table.get("difficulty", np.array([20, 99, 10, 30]))
+    assert got[[0, 2, 3]].tolist() == [2.0, 1.0, 3.0] and math.isnan(got[1])
+    assert np.isnan(table.get("learnability", np.array([10]))).all()

@@ -324,3 +324,24 @@ def test_empty_prompt_tokens_are_refused(tok):
     rendered = RenderedPair("", "yes", "no", templated=True)  # templated: no BOS added either
     with pytest.raises(RowError, match="prompt tokenises to nothing"):
         tokenize_pair(rendered, tok, max_length=16, max_prompt_length=8, eos_id=tok.eos_token_id)
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ('{"q": null}', "is missing"),
+    ('{"other": 1}', "is missing"),
+    ('{"q": "high"}', "not a finite number"),
+    ('{"q": true}', "not a finite number"),
+    ('{"q": NaN}', "not a finite number"),
+    ('[1, 2]', "is missing"),
+])
+def test_user_score_refuses_rows_without_a_finite_number(raw, fragment):
+    from sdpo.rows import RowError, user_score
+
+    with pytest.raises(RowError, match=fragment):
+        user_score(raw, "q")
+
+
+def test_user_score_reads_ints_and_floats():
+    from sdpo.rows import user_score
+
+    assert user_score('{"q": 3}', "q") == 3.0 and user_score('{"q": -0.25}', "q") == -0.25

@@ -91,21 +91,81 @@ class SplitStrategy(str, Enum):
     natural = "natural"  # one partition per source, in the listed order (the paper's split)
     random = "random"  # pool all sources, shuffle with the seed, cut into k parts
     stratified = "stratified"  # cut each source into k parts, so every part has the same source mix
+    easy_to_hard = "easy_to_hard"  # k parts by the base model's margin gamma, highest (easiest) first
+    hard_to_easy = "hard_to_easy"  # the same, lowest gamma first
+    score_column = "score_column"  # k parts by a numeric field of each row (the user's own score)
+
+    @property
+    def by_score(self) -> bool:
+        return self in (SplitStrategy.easy_to_hard, SplitStrategy.hard_to_easy, SplitStrategy.score_column)
+
+
+class ProbeConfig(_Strict):
+    """The probe stage of learnability: the base model briefly trained with DPO on all training pairs."""
+
+    epochs: int = Field(1, gt=0, description="Passes over the training pairs.")
+    fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        1.0, description="Share of the training pairs the probe trains on (seeded by content); all are scored.")
+    learning_rate: PositiveFloat | None = Field(None, description="Default: training.learning_rate.")
+    beta: PositiveFloat | None = Field(None, description="Default: loss.beta. Also the beta of the dpo learnability.")
+
+
+class SelectionConfig(_Strict):
+    """Which training pairs are kept before partitioning (`all`, or LoBaSS's learnability_top)."""
+
+    strategy: Literal["all", "learnability_top"] = "all"
+    top_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.5, description="learnability_top: share of the training pairs kept (the most learnable).")
+    loss: Literal["margin", "dpo", "nll"] = Field(
+        "margin", description="The per-pair loss of learnability (see sdpo.ranking): margin = -log sigmoid(beta "
+        "gamma) of the model's own margin (already-learnt pairs score ~0); dpo = the DPO loss against the base "
+        "model (L_init = ln 2 for every pair); nll = the chosen response's per-token NLL.")
+    probe: ProbeConfig = ProbeConfig()
+
+    @model_validator(mode="after")
+    def _only_when_selecting(self) -> SelectionConfig:
+        defaults = type(self).model_fields
+        given = {k for k in self.model_fields_set - {"strategy"} if getattr(self, k) != defaults[k].default}
+        if self.strategy == "all" and given:
+            raise ValueError(f"{sorted(given)} apply to strategy learnability_top, not all")
+        return self
 
 
 class PartitioningConfig(_Strict):
     strategy: SplitStrategy = SplitStrategy.natural
     order: list[str] | None = Field(None, description="natural: source names in stage order (default: as listed).")
-    num_parts: int | None = Field(None, gt=0, description="random/stratified: number of partitions (= stages).")
+    num_parts: int | None = Field(None, gt=0, description="random/stratified/score strategies: number of "
+                                  "partitions (= stages).")
     proportions: list[PositiveFloat] | Literal["natural"] | None = Field(
         None,
-        description="random/stratified: relative partition sizes (normalised), or 'natural' for the "
-        "sizes the natural split would give (the paper's sDPO Strat.). Default: equal parts.",
+        description="random/stratified/score strategies: relative partition sizes (normalised), or 'natural' "
+        "for the sizes the natural split would give (the paper's sDPO Strat.). Default: equal parts.",
     )
     seed: int = 0
+    difficulty: Literal["margin", "margin_per_token"] = Field(
+        "margin", description="easy_to_hard/hard_to_easy: gamma from summed log-probs, or per-token means.")
+    within_source: bool = Field(
+        False, description="Score strategies: order and cut each source separately (every stage gets the "
+        "same share of each source) instead of the pooled pairs.")
+    score_field: str | None = Field(
+        None, description="score_column: the numeric field of each row to order by (rows without it are "
+        "quarantined).")
+    score_order: Literal["descending", "ascending"] = Field(
+        "descending", description="score_column: stage 1 gets the highest (descending) or lowest scores.")
+    selection: SelectionConfig = SelectionConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> PartitioningConfig:
+        defaults = type(self).model_fields
+        score_keys = {k for k in ("difficulty", "within_source", "score_field", "score_order")
+                      if getattr(self, k) != defaults[k].default}
+        if not self.strategy.by_score and score_keys:
+            raise ValueError(f"{sorted(score_keys)} apply to the score strategies (easy_to_hard, hard_to_easy, "
+                             f"score_column), not {self.strategy.value}")
+        if self.strategy is SplitStrategy.score_column and not self.score_field:
+            raise ValueError("strategy score_column needs score_field: the name of the rows' numeric score field")
+        if self.strategy is not SplitStrategy.score_column and {"score_field", "score_order"} & score_keys:
+            raise ValueError("score_field and score_order apply to strategy score_column only")
         if self.strategy is SplitStrategy.natural:
             if self.num_parts is not None or self.proportions is not None:
                 raise ValueError("num_parts and proportions apply to random/stratified, not natural")

@@ -30,11 +30,13 @@ from ray.data.datasource import FileBasedDatasource
 from sdpo.caching import content_key, multiset_digest
 from sdpo.config import ConfigError
 from sdpo.inputs import file_format
-from sdpo.partition import EVAL, UNUSED, PartitionSpec, row_keys
-from sdpo.rows import RowError, prepare_record
+from sdpo.partition import DROPPED, EVAL, UNUSED, PartitionSpec, row_keys
+from sdpo.ranking import ScoreTable
+from sdpo.rows import RowError, prepare_record, user_score
 
 EVAL_SPLIT = "_eval"
 UNUSED_SPLIT = "_unused"
+DROPPED_SPLIT = "_dropped"
 _CHUNK = 8 << 20
 _ROWS_PER_BLOCK = 2048
 _ROWS_PER_SORT_PARTITION = 100_000
@@ -150,6 +152,7 @@ class TokenizerSettings:
     seed: int  # partition seed: the hash keys depend on it
     eval_seed: int
     roots: dict[str, str]  # source -> common folder of its files; a row's identity is its path below it
+    score_field: str | None = None  # partitioning.score_field: read each row's own score (score_column)
 
 
 def file_identity(path: str, root: str) -> str:
@@ -182,7 +185,7 @@ def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
     tok = load_tokenizer(settings.path, settings.revision, settings.trust_remote_code)
     cols = {k: [] for k in ("reason", "raw", "prompt_ids", "chosen_ids", "rejected_ids", "responses_ids",
                             "rewards", "chosen_index", "rejected_index", "eval_key", "split_key", "content_key",
-                            "num_tokens")}
+                            "num_tokens", "user_score")}
     for src, path, line, raw in zip(*(batch.column(c).to_pylist() for c in ("source", "file", "line", "raw")),
                                     strict=True):
         name = file_identity(path, settings.roots[src])
@@ -193,9 +196,11 @@ def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
                                   max_prompt_length=settings.max_prompt_length, eos_id=settings.eos_id)
             reason, ids, keep_raw = "", (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids), ""
             group = (pair.responses_ids, pair.rewards, pair.chosen_index, pair.rejected_index)
+            score = user_score(raw, settings.score_field) if settings.score_field else float("nan")
         except RowError as err:
             reason, ids, keep_raw = str(err), ([], [], []), raw
-            group = ([], [], 0, 1)
+            group, score = ([], [], 0, 1), float("nan")
+        cols["user_score"].append(score)
         for col, value in zip(("prompt_ids", "chosen_ids", "rejected_ids"), ids, strict=True):
             cols[col].append(value)
         for col, value in zip(("responses_ids", "rewards", "chosen_index", "rejected_index"), group, strict=True):
@@ -223,20 +228,32 @@ def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
         "split_key": pa.array(cols["split_key"], pa.int64()),
         "content_key": pa.array(cols["content_key"], pa.int64()),
         "num_tokens": pa.array(cols["num_tokens"], pa.int64()),
+        "user_score": pa.array(cols["user_score"], pa.float64()),
     })
 
 
-def assign_block(batch: pa.Table, spec: PartitionSpec, source_names: list[str]) -> pa.Table:
+SPECIAL_SPLITS = {EVAL: EVAL_SPLIT, UNUSED: UNUSED_SPLIT, DROPPED: DROPPED_SPLIT}
+
+
+def assign_block(batch: pa.Table, spec: PartitionSpec, source_names: list[str],
+                 scores: ScoreTable | None = None) -> pa.Table:
+    """Each row's split, its source index and its scores (`difficulty`, `learnability`: NaN where not
+    computed), which stay with the run's partition files for inspection."""
+    ck = batch.column("content_key").to_numpy()
+    table = scores or ScoreTable(np.empty(0, np.int64), {})
+    difficulty, learn = table.get("difficulty", ck), table.get("learnability", ck)
+    by_score = batch.column("user_score").to_numpy() if spec.strategy == "score_column" else difficulty
     parts = spec.assign(
         np.asarray(batch.column("source").to_pylist(), dtype=object),
         batch.column("eval_key").to_numpy(),
         batch.column("split_key").to_numpy(),
+        by_score, learn,
     )
-    names = [EVAL_SPLIT if p == EVAL else UNUSED_SPLIT if p == UNUSED else spec.names[p] for p in parts]
+    names = [SPECIAL_SPLITS[p] if p < 0 else spec.names[p] for p in parts]
     index = {n: i for i, n in enumerate(source_names)}
     return batch.append_column("split", pa.array(names, pa.string())).append_column(
         "source_index", pa.array([index[s] for s in batch.column("source").to_pylist()], pa.int32())
-    )
+    ).append_column("difficulty", pa.array(difficulty)).append_column("learnability", pa.array(learn))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,7 +321,8 @@ def prepare(sources: list, files: dict[str, list[str]], data_dir: str, settings:
             rejected_path: str) -> tuple[IngestReport, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Pass 1: tokenise everything to `<data_dir>/prepared`, quarantine bad rows, collect hash keys.
 
-    Returns, per source, the valid rows' (eval keys, split keys, content keys): 24 bytes a pair.
+    Returns, per source, the valid rows' (eval keys, split keys, content keys, has explicit rewards,
+    own score or NaN): 33 bytes a pair.
     """
     import ray.data
 
@@ -321,9 +339,9 @@ def prepare(sources: list, files: dict[str, list[str]], data_dir: str, settings:
 
     report = IngestReport(files={s.name: list(files[s.name]) for s in sources},
                           capped={s.name for s in sources if s.max_rows})
-    keys: dict[str, tuple[list, ...]] = {s.name: ([], [], [], []) for s in sources}
+    keys: dict[str, tuple[list, ...]] = {s.name: ([], [], [], [], []) for s in sources}
     cols = ["source", "file", "line", "reason", "raw", "eval_key", "split_key", "content_key", "num_tokens",
-            "rewards"]
+            "rewards", "user_score"]
     # No rows at all write no files: the driver's checks name the sources (pipeline._check_rejections).
     from sdpo import storage
 
@@ -353,21 +371,29 @@ def prepare(sources: list, files: dict[str, list[str]], data_dir: str, settings:
                 keys[name][1].append(sk[sel])
                 keys[name][2].append(ck[sel])
                 keys[name][3].append(scored[sel])
+                keys[name][4].append(batch.column("user_score").to_numpy()[sel])
                 report.valid[name] += int(sel.sum())
+    empty = (np.int64, np.int64, np.int64, bool, np.float64)
     as_arrays = {
-        name: tuple(np.concatenate(k) if k else np.empty(0, np.int64 if i < 3 else bool) for i, k in enumerate(pair))
+        name: tuple(np.concatenate(k) if k else np.empty(0, empty[i]) for i, k in enumerate(pair))
         for name, pair in keys.items()
     }
     return report, as_arrays
 
 
+def assign_keys(spec: PartitionSpec, src: str, k: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The partition of each of a source's valid rows from what the driver holds: the keys and, for score
+    strategies and selections, the per-row score (k[4]: own score or gamma) and learnability (k[5])."""
+    return spec.assign(np.full(len(k[0]), src, dtype=object), k[0], k[1], k[4], k[5] if len(k) > 5 else None)
+
+
 def partition_digests(spec: PartitionSpec, keys: dict[str, tuple[np.ndarray, ...]]) -> dict[str, str]:
     """Content digest of every partition and of the held-out split (the pairs' token ids, any order)."""
     members: dict[str, list[np.ndarray]] = {}
-    for src, (ek, sk, ck, *_) in keys.items():
-        parts = spec.assign(np.full(len(ek), src, dtype=object), ek, sk)
+    for src, k in keys.items():
+        parts, ck = assign_keys(spec, src, k), k[2]
         for p in np.unique(parts):
-            if p == UNUSED:
+            if p in (UNUSED, DROPPED):
                 continue
             members.setdefault(EVAL_SPLIT if p == EVAL else spec.names[p], []).append(ck[parts == p])
     return {name: multiset_digest(np.concatenate(arrs)) for name, arrs in members.items()}
@@ -376,24 +402,32 @@ def partition_digests(spec: PartitionSpec, keys: dict[str, tuple[np.ndarray, ...
 def missing_rewards(spec: PartitionSpec, keys: dict[str, tuple[np.ndarray, ...]]) -> dict[str, dict[str, int]]:
     """Per partition, per source: how many of its pairs carry no explicit rewards."""
     out: dict[str, dict[str, int]] = {}
-    for src, (ek, sk, _, scored) in keys.items():
-        parts = spec.assign(np.full(len(ek), src, dtype=object), ek, sk)
+    for src, k in keys.items():
+        parts, scored = assign_keys(spec, src, k), k[3]
         for p in np.unique(parts[~scored]):
-            if p not in (UNUSED, EVAL):
+            if p not in (UNUSED, EVAL, DROPPED):
                 out.setdefault(spec.names[p], {})[src] = int(((parts == p) & ~scored).sum())
     return out
 
 
-def write_partitions(data_dir: str, spec: PartitionSpec, source_names: list[str]) -> None:
-    """Pass 2: `<data_dir>/partitions/split=<name>/` for every partition, `split=_eval` for held-out rows."""
+def write_partitions(data_dir: str, spec: PartitionSpec, source_names: list[str],
+                     scores: ScoreTable | None = None) -> None:
+    """Pass 2: `<data_dir>/partitions/split=<name>/` for every partition, `split=_eval` for held-out rows,
+    `split=_dropped` for the rows a selection dropped. `scores`: the per-pair scores by content key."""
     import ray.data
     from ray.data.expressions import col
 
     ray.data.read_parquet(f"{data_dir}/prepared").filter(expr=col("reason") == "").drop_columns(
         ["raw", "reason"]
     ).map_batches(
-        assign_block, fn_kwargs={"spec": spec, "source_names": source_names}, batch_format="pyarrow"
+        assign_block, fn_kwargs={"spec": spec, "source_names": source_names, "scores": scores},
+        batch_format="pyarrow"
     ).write_parquet(f"{data_dir}/partitions", partition_cols=["split"])
+
+
+def in_content_fraction(row: dict, fraction: float) -> bool:
+    """Whether a row is in the `fraction` share picked by its content key (a uniform hash already)."""
+    return int(row["content_key"]) % (1 << 20) < round(fraction * (1 << 20))
 
 
 def _with_weight(batch: pa.Table, weight: float) -> pa.Table:
@@ -412,7 +446,8 @@ def _with_order(batch: pa.Table, seed: int) -> pa.Table:
 
 
 def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int, shuffle_seed: int | None,
-                  with_source: bool = False, reference: str | None = None, groups: bool = False):
+                  with_source: bool = False, reference: str | None = None, groups: bool = False,
+                  content_fraction: float | None = None):
     """A partition as a Ray Dataset, padded with zero-weight rows to a multiple of `world_size`.
 
     With `reference` (a scored entry of this partition, see passes.py) the rows come from there and
@@ -437,6 +472,8 @@ def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int,
         base = ray.data.read_parquet(reference, columns=columns + scored).rename_columns(
             {"chosen_logps": "ref_chosen_logps", "rejected_logps": "ref_rejected_logps"}
             | ({"group_logps": "ref_group_logps"} if groups else {}))
+    if content_fraction is not None:  # a seeded-by-content share of the rows (the probe stage's `fraction`)
+        base = base.filter(fn=functools.partial(in_content_fraction, fraction=content_fraction))
     # The shuffled order is a function of the pairs and the seed alone, not of how files or blocks happen
     # to be laid out: a seeded sort key, then one distributed sort (the cost of a random_shuffle).
     # (shuffle: false keeps the stored order.)

@@ -62,11 +62,13 @@ def _score(ds, model: Any, prefix: str, s: PassSettings, groups: bool = False):
 # --------------------------------------------------------------------------------------------------
 # Cached scoring of a split (the reference pass, and the base model's pass for gamma)
 # --------------------------------------------------------------------------------------------------
-def scored_split(split_dir: str, *, model: Any, model_digest: str | None, data_digest: str, num_rows: int,
+def scored_split(split_dir: str | None, *, model: Any, model_digest: str | None, data_digest: str, num_rows: int,
                  settings: PassSettings, uncached_dir: str, log: Callable[[str], None],
-                 groups: bool = False) -> caching.CacheEntry:
+                 groups: bool = False, rows: Any = None) -> caching.CacheEntry:
     """Score every pair of `split_dir` with `model`, or reuse the cached result of an identical pass.
-    `groups`: score every response of each row's group too (listwise losses)."""
+    `groups`: score every response of each row's group too (listwise losses). `rows`: a Ray Dataset of
+    the rows (ROW_COLUMNS and content_key) instead of `split_dir` (the training pool before the split);
+    the entry is the same as a split's with the same pairs, so the two share the cache."""
     import ray.data
 
     key = None
@@ -78,7 +80,8 @@ def scored_split(split_dir: str, *, model: Any, model_digest: str | None, data_d
         return caching.CacheEntry(key, path, "hit", num_rows=num_rows)
     caching.clear(path)
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(split_dir, columns=ROW_COLUMNS + ["content_key"] + (GROUP_COLUMNS if groups else []))
+    ds = rows if rows is not None else ray.data.read_parquet(
+        split_dir, columns=ROW_COLUMNS + ["content_key"] + (GROUP_COLUMNS if groups else []))
     _score(ds, model, "", settings, groups).write_parquet(path)
     seconds = time.perf_counter() - t0
     written = ray.data.read_parquet(path, columns=["content_key"]).count()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +221,7 @@ class Prepared:
     resources: Any
     scoring: Any  # plan.ScoringPlan: the inference passes' actor pool
     digests: dict[str, str]  # partition (and "_eval") -> content digest
+    scores: dict = field(default_factory=dict)  # pair scores and selection: what summary.json records
 
 
 def prepare_run(job: JobConfig, out: str, *, address: str | None, log: Callable[[str], None],
@@ -229,7 +230,6 @@ def prepare_run(job: JobConfig, out: str, *, address: str | None, log: Callable[
     import ray
 
     from sdpo import ingest
-    from sdpo.partition import plan_partitions
 
     job = resolve_builtins(job)
     files = resolve_files(job)
@@ -249,24 +249,24 @@ def prepare_run(job: JobConfig, out: str, *, address: str | None, log: Callable[
         path=job.model.tokenizer_path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code,
         max_length=job.data.max_length, max_prompt_length=job.data.max_prompt_length, eos_id=tok.eos_token_id,
         seed=job.partitioning.seed, eval_seed=job.data.eval.seed, roots=ingest.source_roots(files),
+        score_field=job.partitioning.score_field,
     )
     log(f"reading {sum(len(f) for f in files.values())} file(s) from {len(files)} source(s)")
     report, keys = ingest.prepare(job.data.sources, files, data_dir, settings, storage.join(out, REJECTED))
     _check_rejections(job, report, out)
-    p = job.partitioning
-    spec = plan_partitions(
-        {name: k[:2] for name, k in keys.items()}, strategy=p.strategy.value, order=p.order, num_parts=p.num_parts, proportions=p.proportions,
-        eval_fraction=job.data.eval.fraction, eval_cap=job.data.eval.max_pairs_per_source,
-    )
+    from sdpo import pair_scores
+
+    spec, keys, table, scores = pair_scores.split(job, out, keys, _pass_settings(job, out, scoring), resources, log)
     stages = plan_stages(job, spec.names, spec.sizes)  # raises on empty partitions, before the write pass
     _check_rewards(stages, ingest.missing_rewards(spec, keys))
-    ingest.write_partitions(data_dir, spec, [src.name for src in job.data.sources])
+    ingest.write_partitions(data_dir, spec, [src.name for src in job.data.sources], table)
+    scores |= pair_scores.record(job, out, data_dir, spec, keys, log) if table is not None else {}
     log(f"rows read {report.total_rows}, valid {sum(report.valid.values())}, "
         f"quarantined {report.total_rejected} (see {storage.join(out, REJECTED)})")
     for name, n in spec.unused.items():
         log(f"note: {n} valid pairs of source {name!r} are not in partitioning.order and will not be trained on")
     log(format_plan(stages, sum(spec.eval_sizes.values())))
-    return Prepared(job, out, stages, spec, report, resources, scoring, ingest.partition_digests(spec, keys))
+    return Prepared(job, out, stages, spec, report, resources, scoring, ingest.partition_digests(spec, keys), scores)
 
 
 def _check_rewards(stages: list[StagePlan], missing: dict[str, dict[str, int]]) -> None:
@@ -316,13 +316,16 @@ def _check_rejections(job: JobConfig, report, out: str) -> None:
 
 
 def pass_settings(prep: Prepared) -> Any:
+    return _pass_settings(prep.job, prep.out, prep.scoring)
+
+
+def _pass_settings(job: JobConfig, out: str, scoring: Any) -> Any:
     from sdpo.passes import PassSettings
 
-    job = prep.job
     m, d = job.model, job.data
     return PassSettings(
-        plan=prep.scoring, batch_size=job.reference.batch_size,
-        cache_dir=storage.abspath(job.reference.cache_dir or storage.join(prep.out, CACHE)),
+        plan=scoring, batch_size=job.reference.batch_size,
+        cache_dir=storage.abspath(job.reference.cache_dir or storage.join(out, CACHE)),
         tokenization={"tokenizer": m.tokenizer_path, "revision": m.revision, "max_length": d.max_length,
                       "max_prompt_length": d.max_prompt_length},
         revision=m.revision, trust_remote_code=m.trust_remote_code,
@@ -687,6 +690,8 @@ def run(job: JobConfig, *, output_dir: str | None = None, address: str | None = 
         },
         "rejected_rows": prep.report.total_rejected,
         "rejected_rows_file": storage.join(out, REJECTED),
+        "scores": prep.scores,
+        "dropped_pairs": prep.scores.get("selection", {}).get("dropped", 0),
         "stages": [],
         "final_model": None,
     }

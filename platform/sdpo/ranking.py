@@ -13,13 +13,23 @@ Scores (see `sdpo.passes` for the passes that produce the log-probs):
   completion log-probs), or its per-token variant (each log-prob divided by its completion's token
   count). High γ = the model already prefers the chosen response = easy.
 - learnability (LoBaSS, arXiv 2310.13008, adapted to pairs): (L_init − L_ft) / L_init, L the pair's
-  loss under the initial model and under the probe (the initial model briefly trained on all pairs).
-  `dpo`: the pair's DPO loss with the initial model as the reference. Under the initial model itself
-  every pair's loss is then exactly ln 2 (ρ = 0), so L_init = ln 2 for all pairs and learnability is
-  (ln 2 − L_ft) / ln 2 = a monotone function of how far the probe moved the pair's margin ρ: positive
-  for pairs the probe learnt, negative for pairs it unlearnt (label noise that fights the rest of the
-  data), near 0 for pairs it could not move. `nll`: the chosen response's per-token NLL, whose L_init
-  differs per pair (low for responses the model already writes, which then score near 0).
+  loss under the initial model and under the probe (the initial model briefly trained with DPO on all
+  pairs). Which per-pair loss (`partitioning.selection.loss`):
+  - `margin` (default): the logistic loss of the model's own margin, L = −log σ(β γ), i.e. the DPO loss
+    against a reference without a preference. L_init differs per pair: ≈ 0 for pairs the initial model
+    already ranks right by a wide margin (nothing left to learn), ln 2 for undecided pairs, more for
+    pairs it ranks wrong. LoBaSS's ratio divides by L_init, which for an already-learnt pair is tiny, so
+    shrinking a loss of 0.007 to 0.002 would score 0.7; the denominator is therefore floored at ln 2
+    (an undecided pair's loss): learnability = (L_init − L_ft) / max(L_init, ln 2). Pairs the probe
+    learnt score high, pairs it unlearnt (labels that fight the rest of the data) negative, pairs
+    already learnt ≈ 0.
+  - `dpo`: the pair's DPO loss with the initial model as the reference. Under the initial model every
+    pair's loss is then exactly ln 2 (ρ = 0), so L_init = ln 2 and learnability = (ln 2 − L_ft) / ln 2,
+    a monotone function of how far the probe moved the pair's margin. It cannot see that a pair was
+    already learnt: such pairs move as easily as any (measured: pairs whose rejected response is the
+    chosen one plus junk score *highest*), so it is an option, not the default.
+  - `nll`: the chosen response's per-token NLL. The probe trains with DPO, which may lower the chosen
+    likelihood too; use it with data where the chosen responses are what the model should write.
 """
 
 from __future__ import annotations
@@ -46,17 +56,20 @@ def margin(chosen_logps: np.ndarray, rejected_logps: np.ndarray, chosen_tokens: 
 
 def learnability(init: dict[str, np.ndarray], probe: dict[str, np.ndarray], *, loss: str, beta: float) -> np.ndarray:
     """(L_init − L_ft) / L_init per pair from the two models' scores (`chosen_logps`, `rejected_logps`,
-    `chosen_tokens` arrays, aligned). See the module docstring for the two losses."""
+    `chosen_tokens` arrays, aligned). See the module docstring for the three losses."""
+    c0, r0 = np.asarray(init["chosen_logps"], np.float64), np.asarray(init["rejected_logps"], np.float64)
+    c1, r1 = np.asarray(probe["chosen_logps"], np.float64), np.asarray(probe["rejected_logps"], np.float64)
+    if loss == "margin":
+        l_init, l_ft = np.logaddexp(0.0, -beta * (c0 - r0)), np.logaddexp(0.0, -beta * (c1 - r1))  # −log σ(βγ)
+        return (l_init - l_ft) / np.maximum(l_init, LN2)
     if loss == "dpo":
-        rho = (probe["chosen_logps"] - init["chosen_logps"]) - (probe["rejected_logps"] - init["rejected_logps"])
-        l_ft = np.logaddexp(0.0, -beta * np.asarray(rho, np.float64))  # −log σ(βρ), stable
+        l_ft = np.logaddexp(0.0, -beta * ((c1 - c0) - (r1 - r0)))  # −log σ(βρ), reference = the initial model
         return (LN2 - l_ft) / LN2
     if loss == "nll":
         tokens = np.maximum(np.asarray(init["chosen_tokens"], np.float64), 1.0)
-        l_init = -np.asarray(init["chosen_logps"], np.float64) / tokens
-        l_ft = -np.asarray(probe["chosen_logps"], np.float64) / tokens
+        l_init, l_ft = -c0 / tokens, -c1 / tokens
         return (l_init - l_ft) / np.maximum(l_init, 1e-12)
-    raise ValueError(f"unknown learnability loss {loss!r}; use dpo or nll")
+    raise ValueError(f"unknown learnability loss {loss!r}; use margin, dpo or nll")
 
 
 def at_or_past(values: np.ndarray, keys: np.ndarray, cut: tuple[float, int]) -> np.ndarray:
@@ -107,3 +120,24 @@ def histogram(values: np.ndarray, bins: int = 30, edges: np.ndarray | None = Non
         edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
     counts, edges = np.histogram(v, bins=edges)
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+class ScoreTable:
+    """Scores by content key (sorted keys, binary search): how a Ray Data task finds the score of the row
+    it holds without a join. 8 bytes of key plus 8 per score column and pair."""
+
+    def __init__(self, content_keys: np.ndarray, columns: dict[str, np.ndarray]):
+        order = np.argsort(np.asarray(content_keys, np.int64), kind="stable")
+        self.keys = np.asarray(content_keys, np.int64)[order]
+        self.columns = {name: np.asarray(values, np.float64)[order] for name, values in columns.items()}
+
+    def get(self, name: str, content_keys: np.ndarray) -> np.ndarray:
+        """The column's value per key; NaN for keys not in the table (held-out rows) or a missing column."""
+        keys = np.asarray(content_keys, np.int64)
+        out = np.full(len(keys), np.nan)
+        if name not in self.columns or not len(self.keys):
+            return out
+        idx = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        found = self.keys[idx] == keys
+        out[found] = self.columns[name][idx[found]]
+        return out

@@ -255,3 +255,21 @@ def prepare_record(
         rendered, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, eos_id=eos_id
     )
     return TokenizedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, rewards=rewards) if rewards else pair
+
+
+def user_score(raw: str, field: str) -> float:
+    """The numeric score a row carries in `field` (partitioning.score_field); RowError if absent or not a
+    finite number, so that the row is quarantined with the reason rather than ordered arbitrarily."""
+    import json
+    import math
+
+    try:
+        row = json.loads(raw)
+    except ValueError:
+        raise RowError(f"score field {field!r}: the row is not a JSON object") from None
+    value = row.get(field) if isinstance(row, dict) else None
+    if value is None:
+        raise RowError(f"score field {field!r} is missing (partitioning.score_field)")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RowError(f"score field {field!r} is not a finite number: {value!r}")
+    return float(value)
