@@ -267,6 +267,28 @@ def test_random_and_stratified_take_num_stages_as_num_parts(strategy):
     assert natural.partitioning.num_parts is None and natural.partitioning.proportions is None
 
 
+def test_score_strategies_and_learnability_top_as_split_strategies():
+    job_raw = BASE | {"partitioning": {"strategy": "easy_to_hard", "within_source": True,
+                                       "selection": {"strategy": "all"}}}
+    search = {"split_strategy": {"choice": ["natural", "easy_to_hard", "hard_to_easy", "learnability_top"]},
+              "num_stages": 2}
+    s = space(search, job=job_raw)
+    e2h = trial_job(s, {"split_strategy": "easy_to_hard", "num_stages": 3}).partitioning
+    assert (e2h.strategy.value, e2h.num_parts, e2h.within_source) == ("easy_to_hard", 3, True)
+    natural = trial_job(s, {"split_strategy": "natural", "num_stages": 2}).partitioning
+    assert natural.strategy.value == "natural" and not natural.within_source  # score keys dropped
+    # learnability_top: the base job's own split (easy_to_hard here), after the selection
+    top = trial_job(s, {"split_strategy": "learnability_top", "num_stages": 2}).partitioning
+    assert (top.strategy.value, top.num_parts, top.selection.strategy) == ("easy_to_hard", 2, "learnability_top")
+    on_natural = trial_job(space({"split_strategy": {"choice": ["learnability_top"]}}),
+                           {"split_strategy": "learnability_top"}).partitioning
+    assert (on_natural.strategy.value, on_natural.selection.strategy) == ("natural", "learnability_top")
+    pooled = trial_job(space({"split_strategy": {"choice": ["learnability_top"]}, "num_stages": 1}),
+                       {"split_strategy": "learnability_top", "num_stages": 1}).partitioning
+    assert (pooled.strategy.value, pooled.num_parts, pooled.selection.strategy) == ("random", 1, "learnability_top")
+    assert "needs score_field" in error({"split_strategy": {"choice": ["score_column"]}})
+
+
 def test_split_strategy_alone_keeps_base_proportions():
     job_raw = BASE | {"partitioning": {"strategy": "random", "proportions": [1, 2, 1]}}
     s = space({"split_strategy": {"choice": ["random", "stratified"]}}, job=job_raw)

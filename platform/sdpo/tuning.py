@@ -36,6 +36,8 @@ from sdpo import storage
 from sdpo.config import ConfigError, JobConfig, SplitStrategy, parse_job
 
 PARTITION_ORDER, NUM_STAGES, SPLIT_STRATEGY = "partition_order", "num_stages", "split_strategy"
+LEARNABILITY_TOP = "learnability_top"  # split_strategy value: the base job's split after a learnability selection
+SCORE_KEYS = ("difficulty", "within_source", "score_field", "score_order")
 SCHEDULE_KEYS = (PARTITION_ORDER, NUM_STAGES, SPLIT_STRATEGY)
 FORMS = ("choice", "grid", "uniform", "loguniform", "randint", "permutations")
 RANGES = ("uniform", "loguniform", "randint")
@@ -248,9 +250,9 @@ def _check_keys(space: TuneSpace, origin: str) -> None:
                                   f"from {names}")
             if key == NUM_STAGES and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{origin}: search.{key}: {value!r} is not a positive integer")
-            if key == SPLIT_STRATEGY and value not in [s.value for s in SplitStrategy]:
+            if key == SPLIT_STRATEGY and value not in [s.value for s in SplitStrategy] + [LEARNABILITY_TOP]:
                 raise ConfigError(f"{origin}: search.{key}: {value!r} is not a split strategy; choose from "
-                                  f"{[s.value for s in SplitStrategy]}")
+                                  f"{[s.value for s in SplitStrategy] + [LEARNABILITY_TOP]}")
     schedule = {k: d.corners()[0] for k, d in space.search.items() if k in SCHEDULE_KEYS}
     for key, dim in space.search.items():
         point = schedule | {key: dim.corners()[0]}
@@ -344,12 +346,20 @@ def _apply_schedule(raw: dict, point: dict) -> None:
     natural: partition_order is the order (a subset leaves the other sources unused); num_stages must be
     len(order), or 1: one stage on the ordered sources pooled (random, num_parts 1, `data.sources` cut to
     them, as random has no per-source filter). random/stratified: num_stages is num_parts (proportions
-    dropped); partition_order only selects the pooled sources."""
+    dropped); partition_order only selects the pooled sources. The score strategies (easy_to_hard,
+    hard_to_easy, score_column) are cut like random; learnability_top keeps the base job's strategy and adds
+    its selection (`partitioning.selection`, settings from the base job)."""
     if not any(k in point for k in SCHEDULE_KEYS):
         return
     part = dict(raw.get("partitioning") or {})
     strategy = str(point.get(SPLIT_STRATEGY, part.get("strategy", "natural")))
+    if strategy == LEARNABILITY_TOP:  # LoBaSS's selection, then the base job's own split of the kept pairs
+        part["selection"] = dict(part.get("selection") or {}) | {"strategy": LEARNABILITY_TOP}
+        strategy = str(part.get("strategy", "natural"))
     order, stages = point.get(PARTITION_ORDER), point.get(NUM_STAGES)
+    if strategy not in ("easy_to_hard", "hard_to_easy", "score_column"):  # the score keys belong to those
+        for key in SCORE_KEYS:
+            part.pop(key, None)
     part["strategy"] = strategy
     if strategy == "natural":
         part.pop("num_parts", None)
@@ -364,7 +374,7 @@ def _apply_schedule(raw: dict, point: dict) -> None:
                     f"{NUM_STAGES}={stages} does not fit {PARTITION_ORDER} {ordered} with {SPLIT_STRATEGY} natural: "
                     f"allowed {NUM_STAGES} {sorted({1, len(ordered)})} ({why if len(ordered) > 1 else '1 source'})")
             # one stage on every ordered source at once: plain DPO on all the data
-            part = {"strategy": "random", "num_parts": 1} | ({"seed": part["seed"]} if "seed" in part else {})
+            part = {"strategy": "random", "num_parts": 1} | {k: part[k] for k in ("seed", "selection") if k in part}
             _keep_sources(raw, ordered)
     else:
         selected = order if order is not None else part.get("order")
