@@ -193,3 +193,29 @@ def test_cli_report_exits_2_naming_the_file(tmp_path, capsys, content):
 def test_report_never_imports_ray():
     code = "import sys, sdpo.report, sdpo.cli; sys.exit(1 if 'ray' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_score_strategies_get_a_histogram_per_stage_and_the_dropped_pairs(tmp_path):
+    from PIL import Image
+
+    summary = make_summary()
+    summary["scores"] = {
+        "strategy": "easy_to_hard", "descending": True,
+        "base_pass": {"status": "hit", "path": "cache/scores/abc"},
+        "histograms": {"score": {"part1": {"edges": [0, 1, 2], "counts": [0, 5]},
+                                 "part2": {"edges": [0, 1, 2], "counts": [5, 0]}},
+                       "learnability": {"part1": {"edges": [0, 1, 2], "counts": [1, 4]},
+                                        "_dropped": {"edges": [0, 1, 2], "counts": [3, 0]}}},
+        "selection": {"strategy": "learnability_top", "top_fraction": 0.5, "loss": "margin", "kept": 10,
+                      "dropped": 3, "dropped_by_source": {"easy": 1, "hard": 2}, "dropped_pairs_file": "d.jsonl"},
+    }
+    run_dir = write_run(tmp_path / "run", summary)
+    report = write_report(str(run_dir))
+    scores = str(run_dir / "plots" / "scores.png")
+    assert scores in report.plots
+    with Image.open(scores) as img:
+        img.verify()
+    text = (run_dir / "report.md").read_text()
+    assert "## Ordering and selection" in text and "(plots/scores.png)" in text
+    assert "kept 10 training pairs, dropped 3 (easy 1, hard 2)" in text and "`d.jsonl`" in text
+    assert "base pass: cache hit" in text

@@ -1,5 +1,6 @@
 """The run report: `sdpo report RUN_DIR` turns a finished run's summary and step logs into
-`report.md` and three plots under `plots/`. Pure Python and matplotlib, no Ray.
+`report.md` and three plots under `plots/` (four when the split was cut by score or a selection
+dropped pairs: `scores.png`). Pure Python and matplotlib, no Ray.
 
 What it shows is what sDPO claims: each stage's reference M_{t-1} is better aligned than the base
 model M_0, so γ = log π(y_w|x) − log π(y_l|x) under the reference (γ_ref) should rise stage over stage
@@ -268,12 +269,55 @@ def heldout_figure(summary: dict) -> Figure | None:
     return fig
 
 
+SCORE_LABELS = {"easy_to_hard": "γ under the base model (high = easy)", "hard_to_easy": "γ under the base model (high = easy)",
+                "score_column": "the rows' own score", "learnability": "learnability (L_init − L_ft) / L_init"}
+
+
+def scores_figure(summary: dict) -> Figure | None:
+    """Score strategies and selections: each score's distribution per stage (and over the dropped pairs)."""
+    record = summary.get("scores") or {}
+    panels = [(which, per) for which, per in (record.get("histograms") or {}).items()
+              if any(h.get("counts") for h in per.values())]
+    if not panels:
+        return None
+    fig = Figure(figsize=(9, 3.5 * len(panels)), layout="constrained")
+    for ax, (which, per) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels, strict=True):
+        for i, (name, hist) in enumerate(per.items()):
+            if hist.get("counts") and len(hist["edges"]) == len(hist["counts"]) + 1:
+                ax.stairs(hist["counts"], hist["edges"], fill=True, alpha=0.35, color="grey" if name == "_dropped"
+                          else f"C{i}", label=f"{'dropped' if name == '_dropped' else name} ({sum(hist['counts'])} pairs)")
+        label = SCORE_LABELS["learnability"] if which == "learnability" else SCORE_LABELS.get(record.get("strategy"), which)
+        ax.set_xlabel(label)
+        ax.set_ylabel("pairs")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def ordering_lines(summary: dict) -> list[str]:
+    """The ordering and selection section of report.md: what the split was cut on, what was dropped and where."""
+    record = summary.get("scores") or {}
+    if not record:
+        return []
+    order = "highest first" if record.get("descending", True) else "lowest first"
+    lines = ["## Ordering and selection", "", f"Partitions cut by `{record.get('strategy')}` ({order})."]
+    for role in ("base_pass", "probe_pass"):
+        if entry := record.get(role):
+            lines.append(f"{role.replace('_', ' ')}: cache {entry.get('status')} (`{entry.get('path')}`).")
+    if sel := record.get("selection"):
+        by_source = ", ".join(f"{src} {n}" for src, n in sorted(sel.get("dropped_by_source", {}).items()))
+        lines.append(f"Selection `{sel['strategy']}` (top {sel['top_fraction']:.0%}, loss `{sel['loss']}`): kept "
+                     f"{sel['kept']} training pairs, dropped {sel['dropped']} ({by_source}); every dropped pair is "
+                     f"listed with its source, file, line, scores and reason in `{sel['dropped_pairs_file']}`.")
+    return lines + [""]
+
+
 # --------------------------------------------------------------------------------------------------
 # report.md and the entry point
 # --------------------------------------------------------------------------------------------------
 PLOTS = {"training": "Training loss and reward accuracy",
          "gamma": "γ under the reference and the base model",
-         "heldout": "Held-out metrics per stage"}
+         "heldout": "Held-out metrics per stage",
+         "scores": "Per-pair scores by stage (and over the dropped pairs)"}
 
 WHAT_TO_LOOK_FOR = (
     "γ_ref is the reference model's preference for the chosen over the rejected answer, summed over "
@@ -316,6 +360,7 @@ def markdown(summary: dict, table: str, plots: dict[str, str | None], logs: dict
         lines += ["## Held-out pairs by source", "", source_table(summary), ""]
     lines += ["## What to look for", "", WHAT_TO_LOOK_FOR, ""]
     lines += [gamma_gaps(summary), ""] if gamma_gaps(summary) else []
+    lines += ordering_lines(summary)
     lines += ["## Plots", ""]
     lines += [f"![{PLOTS[name]}](plots/{name}.png)\n" for name, path in plots.items() if path] or ["None drawn."]
     return "\n".join(lines)
@@ -327,6 +372,8 @@ def write_report(run_dir: str) -> Report:
     logs = {s["index"]: read_step_log(run_dir, s["index"]) for s in summary["stages"]}
     figures = {"training": training_figure(summary, logs), "gamma": gamma_figure(summary),
                "heldout": heldout_figure(summary)}
+    if summary.get("scores"):  # runs cut by score or selected by learnability
+        figures["scores"] = scores_figure(summary)
     plots = {name: None if fig is None else join(run_dir, "plots", f"{name}.png") for name, fig in figures.items()}
     for name, fig in figures.items():
         if fig is not None:
