@@ -299,13 +299,13 @@ def ordering_lines(summary: dict) -> list[str]:
     if not record:
         return []
     order = "highest first" if record.get("descending", True) else "lowest first"
-    lines = ["## Ordering and selection", "", f"Partitions cut by `{record.get('strategy')}` ({order})."]
+    lines = ["## Ordering and selection", "", f"- Partitions cut by `{record.get('strategy')}` ({order})."]
     for role in ("base_pass", "probe_pass"):
         if entry := record.get(role):
-            lines.append(f"{role.replace('_', ' ')}: cache {entry.get('status')} (`{entry.get('path')}`).")
+            lines.append(f"- {role.replace('_', ' ')}: cache {entry.get('status')} (`{entry.get('path')}`).")
     if sel := record.get("selection"):
         by_source = ", ".join(f"{src} {n}" for src, n in sorted(sel.get("dropped_by_source", {}).items()))
-        lines.append(f"Selection `{sel['strategy']}` (top {sel['top_fraction']:.0%}, loss `{sel['loss']}`): kept "
+        lines.append(f"- Selection `{sel['strategy']}` (top {sel['top_fraction']:.0%}, loss `{sel['loss']}`): kept "
                      f"{sel['kept']} training pairs, dropped {sel['dropped']} ({by_source}); every dropped pair is "
                      f"listed with its source, file, line, scores and reason in `{sel['dropped_pairs_file']}`.")
     return lines + [""]
