@@ -118,7 +118,9 @@ def learnability_mix(tmp_path, counts=(84, 24, 36), seed=0):
 def test_learnability_top_keeps_the_learnable_pairs_and_reruns_from_cache(ray_session, tmp_path):
     qs = assets.build_quickstart_assets(tmp_path / "qs")
     mix = learnability_mix(tmp_path)
-    selection = {"strategy": "learnability_top", "top_fraction": 0.5, "probe": {"learning_rate": 3e-3}}
+    # the probe trains on three quarters of the pairs (picked by content) and scores them all
+    selection = {"strategy": "learnability_top", "top_fraction": 0.5,
+                 "probe": {"learning_rate": 3e-3, "fraction": 0.75}}
     job = make_job(tmp_path, qs.model_dir, {"mix": mix}, {"strategy": "random", "num_parts": 1,
                                                             "selection": selection})
     summary, log = plan(job)
@@ -126,6 +128,7 @@ def test_learnability_top_keeps_the_learnable_pairs_and_reruns_from_cache(ray_se
     kinds = [json.loads(line)["kind"] for line in mix.read_text().splitlines()]
     rows["kind"] = [kinds[i - 1] for i in rows.line]
     kept = rows[rows.split == "part1"]
+    assert {"gamma", "gamma_per_token", "difficulty", "learnability"} <= set(rows.columns)
     assert len(kept) == 72 and (rows.split == "_dropped").sum() == 72
     assert (kept.kind == "learnable").mean() >= 0.9
     assert (kept.kind == "flipped").sum() == 0
@@ -137,7 +140,8 @@ def test_learnability_top_keeps_the_learnable_pairs_and_reruns_from_cache(ray_se
     assert {(d["source"], d["line"]) for d in dropped} == set(zip(rows.source[rows.split == "_dropped"],
                                                                    rows.line[rows.split == "_dropped"], strict=True))
     assert max(d["learnability"] for d in dropped) <= kept.learnability.min()
-    assert any("probe stage: training" in line for line in log)
+    trained = [line for line in log if line.startswith("probe stage: training on")]
+    assert len(trained) == 1 and 90 <= int(trained[0].split()[4]) <= 126  # ~3/4 of the 144 pairs
 
     # the rerun: the base pass, the probe and its pass all come from the cache; the same pairs are kept
     again, log = plan(job)

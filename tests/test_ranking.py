@@ -127,3 +127,11 @@ def test_score_table_finds_scores_by_content_key():
     got = table.get("difficulty", np.array([20, 99, 10, 30]))
     assert got[[0, 2, 3]].tolist() == [2.0, 1.0, 3.0] and math.isnan(got[1])
     assert np.isnan(table.get("learnability", np.array([10]))).all()
+
+
+def test_content_share_picks_about_the_fraction_by_content():
+    keys = np.random.default_rng(0).integers(0, 1 << 62, size=20000)
+    for fraction in (0.25, 0.75, 1.0):
+        share = ranking.content_share(keys, fraction)
+        assert share.mean() == pytest.approx(fraction, abs=0.02)
+        assert (share[::2] == ranking.content_share(keys[::2], fraction)).all()  # a row's own key decides

@@ -6,7 +6,9 @@ Two streaming passes, then the stages read their partitions straight from Parque
    tokenise, hash keys) -> `<out>/data/prepared/`. Bad rows keep their raw text and reason.
 2. split: the driver collects the two hash keys of the valid rows (16 bytes a pair — never the rows
    themselves), computes the exact cut-offs (`partition.plan_partitions`), and a second pass writes
-   `<out>/data/partitions/split=<name>/` (held-out rows under `split=_eval`).
+   `<out>/data/partitions/split=<name>/` (held-out rows under `split=_eval`). Score strategies and
+   selections first score the training rows with a model (`pair_scores`, between the two passes) and
+   cut on the scores; rows a selection drops go to `split=_dropped`.
 
 Quarantined rows are streamed to `<out>/rejected_rows.jsonl` with source, file, line and reason.
 Rows read and rows quarantined are also counted per file, so that a file which gave no rows (empty) or
@@ -31,7 +33,7 @@ from sdpo.caching import content_key, multiset_digest
 from sdpo.config import ConfigError
 from sdpo.inputs import file_format
 from sdpo.partition import DROPPED, EVAL, UNUSED, PartitionSpec, row_keys
-from sdpo.ranking import ScoreTable
+from sdpo.ranking import ScoreTable, content_share
 from sdpo.rows import RowError, prepare_record, user_score
 
 EVAL_SPLIT = "_eval"
@@ -237,12 +239,13 @@ SPECIAL_SPLITS = {EVAL: EVAL_SPLIT, UNUSED: UNUSED_SPLIT, DROPPED: DROPPED_SPLIT
 
 def assign_block(batch: pa.Table, spec: PartitionSpec, source_names: list[str],
                  scores: ScoreTable | None = None) -> pa.Table:
-    """Each row's split, its source index and its scores (`difficulty`, `learnability`: NaN where not
-    computed), which stay with the run's partition files for inspection."""
+    """Each row's split, its source index and its scores (`difficulty`, `learnability` and whatever else
+    `scores` holds: NaN where not computed), which stay with the run's partition files for inspection."""
     ck = batch.column("content_key").to_numpy()
     table = scores or ScoreTable(np.empty(0, np.int64), {})
-    difficulty, learn = table.get("difficulty", ck), table.get("learnability", ck)
-    by_score = batch.column("user_score").to_numpy() if spec.strategy == "score_column" else difficulty
+    values = {name: table.get(name, ck) for name in ["difficulty", "learnability", *table.columns]}
+    learn = values["learnability"]
+    by_score = batch.column("user_score").to_numpy() if spec.strategy == "score_column" else values["difficulty"]
     parts = spec.assign(
         np.asarray(batch.column("source").to_pylist(), dtype=object),
         batch.column("eval_key").to_numpy(),
@@ -251,9 +254,11 @@ def assign_block(batch: pa.Table, spec: PartitionSpec, source_names: list[str],
     )
     names = [SPECIAL_SPLITS[p] if p < 0 else spec.names[p] for p in parts]
     index = {n: i for i, n in enumerate(source_names)}
-    return batch.append_column("split", pa.array(names, pa.string())).append_column(
-        "source_index", pa.array([index[s] for s in batch.column("source").to_pylist()], pa.int32())
-    ).append_column("difficulty", pa.array(difficulty)).append_column("learnability", pa.array(learn))
+    batch = batch.append_column("split", pa.array(names, pa.string())).append_column(
+        "source_index", pa.array([index[s] for s in batch.column("source").to_pylist()], pa.int32()))
+    for name, column in values.items():
+        batch = batch.append_column(name, pa.array(column, pa.float64()))
+    return batch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,9 +430,8 @@ def write_partitions(data_dir: str, spec: PartitionSpec, source_names: list[str]
     ).write_parquet(f"{data_dir}/partitions", partition_cols=["split"])
 
 
-def in_content_fraction(row: dict, fraction: float) -> bool:
-    """Whether a row is in the `fraction` share picked by its content key (a uniform hash already)."""
-    return int(row["content_key"]) % (1 << 20) < round(fraction * (1 << 20))
+def _content_share(batch: pa.Table, fraction: float) -> pa.Table:
+    return batch.filter(pa.array(content_share(batch.column("content_key").to_numpy(), fraction)))
 
 
 def _with_weight(batch: pa.Table, weight: float) -> pa.Table:
@@ -473,7 +477,7 @@ def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int,
             {"chosen_logps": "ref_chosen_logps", "rejected_logps": "ref_rejected_logps"}
             | ({"group_logps": "ref_group_logps"} if groups else {}))
     if content_fraction is not None:  # a seeded-by-content share of the rows (the probe stage's `fraction`)
-        base = base.filter(fn=functools.partial(in_content_fraction, fraction=content_fraction))
+        base = base.map_batches(_content_share, fn_kwargs={"fraction": content_fraction}, batch_format="pyarrow")
     # The shuffled order is a function of the pairs and the seed alone, not of how files or blocks happen
     # to be laid out: a seeded sort key, then one distributed sort (the cost of a random_shuffle).
     # (shuffle: false keeps the stored order.)

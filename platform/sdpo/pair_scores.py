@@ -12,9 +12,10 @@ between the ingest's two passes (see ingest.py):
    is its precomputed reference), run by the same stage loop as every stage and cached under
    `<cache>/probes/<key>/` (the key hashes the base model, the pool and every setting the probe
    trains with), then a probe pass over the pool. Learnability per pair: `ranking.learnability`;
-4. the driver holds the scores by content key (`ranking.ScoreTable`, 24 bytes a pair) and ships that
-   table to the second ingest pass, which cuts by score and writes the scores as `difficulty` and
-   `learnability` columns into the partition files.
+4. the driver holds the scores by content key (`ranking.ScoreTable`, 8 bytes a pair and score) and
+   ships that table to the second ingest pass, which cuts by score and writes the scores as columns
+   into the partition files: `gamma`, `gamma_per_token`, `difficulty` (the one `partitioning.difficulty`
+   picks) and `learnability`.
 
 Cost: one inference pass over the training pairs for difficulty; for learnability one short training
 stage and a second pass. On a rerun all three come from the cache (the log says so).
@@ -114,7 +115,7 @@ def train_probe(job: JobConfig, out: str, *, pool: caching.CacheEntry, content_k
         log(f"probe stage: cache hit ({model}); not retrained")
         return model
     caching.clear(root)
-    n = int(np.sum(content_keys % (1 << 20) < round(probe.fraction * (1 << 20))))
+    n = int(ranking.content_share(content_keys, probe.fraction).sum())
     world = job.scaling.num_workers
     stage = StagePlan(
         index=0, partition="_probe", num_pairs=n, reference=BASE, init=BASE, beta=probe.beta or job.loss.beta,
@@ -137,6 +138,9 @@ def train_probe(job: JobConfig, out: str, *, pool: caching.CacheEntry, content_k
     log(f"probe stage: training on {n} pairs for {stage.total_steps} steps (cache miss)")
     result = trainer.fit()
     digest = _write_stage_model(result.checkpoint, model, root, (STEP_LOG, STAGE_METRICS), TRAIN_STATE)
+    steps = storage.read_json(storage.join(root, STAGE_METRICS))["steps"]
+    if steps != stage.total_steps:
+        raise RuntimeError(f"the probe stage ran {steps} optimiser steps, planned {stage.total_steps}")
     if key:
         caching.write_marker(root, {"key": key, "model_digest": digest, "pairs": n, "steps": stage.total_steps})
     return model
@@ -168,8 +172,10 @@ def score_rows(job: JobConfig, out: str, keys: dict[str, tuple[np.ndarray, ...]]
     base = scored(job.model.path, "base")
     init = read_scores(base.path)
     p = job.partitioning
-    columns = {"difficulty": ranking.margin(init["chosen_logps"], init["rejected_logps"], init["chosen_tokens"],
-                                            init["rejected_tokens"], per_token=p.difficulty == "margin_per_token")}
+    gammas = {name: ranking.margin(init["chosen_logps"], init["rejected_logps"], init["chosen_tokens"],
+                                   init["rejected_tokens"], per_token=per_token)
+              for name, per_token in (("gamma", False), ("gamma_per_token", True))}
+    columns = gammas | {"difficulty": gammas["gamma_per_token" if p.difficulty == "margin_per_token" else "gamma"]}
     info: dict[str, Any] = {"base_pass": base.to_dict()}
     sel = p.selection
     if sel.strategy == "learnability_top":

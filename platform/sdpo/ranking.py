@@ -109,6 +109,12 @@ def top_cut(values: np.ndarray, keys: np.ndarray, fraction: float) -> tuple[tupl
     return order_cutoffs(values, keys, [n - kept, kept])[0], kept
 
 
+def content_share(content_keys: np.ndarray, fraction: float) -> np.ndarray:
+    """Whether each row is in the `fraction` share picked by its content key (already a uniform hash):
+    the same rows on every run and in every block, and countable in the driver from the keys alone."""
+    return np.asarray(content_keys, np.int64) % (1 << 20) < round(fraction * (1 << 20))
+
+
 def histogram(values: np.ndarray, bins: int = 30, edges: np.ndarray | None = None) -> dict:
     """{edges, counts} of the finite values (for summary.json and the report's plots)."""
     v = np.asarray(values, np.float64)
