@@ -252,14 +252,8 @@ def plan_partitions(
         if scores is None:
             raise ValueError(f"strategy {strategy} needs a score for every training row")
         sign = -1.0 if descending else 1.0
-        ordered = {s: (sign * scores[s][train[s]], train_keys[s]) for s in keys}
-        if within_source:  # every source cut into the same proportions, each in its own score order
-            table = {s: split_sizes(len(k), props) for s, (_, k) in ordered.items()}
-            sizes = [int(x) for x in np.sum(list(table.values()), axis=0)] if table else [0] * len(props)
-            cuts = {s: ranking.order_cutoffs(v, k, table[s]) for s, (v, k) in ordered.items()}
-        else:
-            sizes = split_sizes(sum(len(k) for k in train_keys.values()), props)
-            cuts = {"*": ranking.order_cutoffs(*_concat(list(ordered.values())), sizes)}
+        sizes, cuts = _score_cuts({s: (sign * scores[s][train[s]], train_keys[s]) for s in keys}, props,
+                                  within_source)
         return PartitionSpec(strategy, names, sizes, eval_cut, eval_sizes, score_cuts=cuts,
                              descending=descending, **common)
     if strategy == "random":
@@ -275,6 +269,18 @@ def plan_partitions(
         raise ValueError(f"unknown split strategy {strategy!r}; use natural, random, stratified or one of "
                          f"{list(SCORE_STRATEGIES)}")
     return PartitionSpec(strategy, names, sizes, eval_cut, eval_sizes, split_cuts=cuts, **common)
+
+
+def _score_cuts(ordered: dict[str, tuple[np.ndarray, np.ndarray]], props: list[float],
+                within_source: bool) -> tuple[list[int], dict[str, list[tuple[float, int]]]]:
+    """Part sizes and cut-offs on (order value, split key): pooled ("*"), or every source cut into the same
+    proportions in its own order."""
+    if within_source:
+        table = {s: split_sizes(len(k), props) for s, (_, k) in ordered.items()}
+        sizes = [int(x) for x in np.sum(list(table.values()), axis=0)] if table else [0] * len(props)
+        return sizes, {s: ranking.order_cutoffs(v, k, table[s]) for s, (v, k) in ordered.items()}
+    sizes = split_sizes(sum(len(k) for _, k in ordered.values()), props)
+    return sizes, {"*": ranking.order_cutoffs(*_concat(list(ordered.values())), sizes)}
 
 
 def _concat(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
