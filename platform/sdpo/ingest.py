@@ -31,7 +31,7 @@ from sdpo.caching import content_key, multiset_digest
 from sdpo.config import ConfigError
 from sdpo.inputs import file_format
 from sdpo.partition import EVAL, UNUSED, PartitionSpec, row_keys
-from sdpo.rows import RowError, prepare_record
+from sdpo.rows import RowError, RowMapping, prepare_record
 
 EVAL_SPLIT = "_eval"
 UNUSED_SPLIT = "_unused"
@@ -150,6 +150,7 @@ class TokenizerSettings:
     seed: int  # partition seed: the hash keys depend on it
     eval_seed: int
     roots: dict[str, str]  # source -> common folder of its files; a row's identity is its path below it
+    mappings: dict[str, RowMapping] = field(default_factory=dict)  # source -> its column mapping
 
 
 def file_identity(path: str, root: str) -> str:
@@ -190,7 +191,8 @@ def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
         split_key = row_keys(src, name, line, settings.seed)[1]
         try:
             pair = prepare_record(raw, tok, max_length=settings.max_length,
-                                  max_prompt_length=settings.max_prompt_length, eos_id=settings.eos_id)
+                                  max_prompt_length=settings.max_prompt_length, eos_id=settings.eos_id,
+                                  mapping=settings.mappings.get(src))
             reason, ids, keep_raw = "", (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids), ""
             group = (pair.responses_ids, pair.rewards, pair.chosen_index, pair.rejected_index)
         except RowError as err:
