@@ -324,3 +324,13 @@ def test_scoring_plans_always_fit_the_cluster():
         assert plan.threads == max(1, int(plan.num_cpus)), case
         planned += 1
     assert planned > 50 and refused > 50
+
+
+def test_cpu_actor_fits_on_one_node_of_a_multi_node_cluster():
+    """Two 2-CPU nodes sum to 4 CPUs, but no actor can hold 3 of them: asking would wait forever (found on
+    the 2-node loopback cluster). The actor takes the largest node's CPUs instead."""
+    assert plan_scoring({"CPU": 4}, use_gpu=False, data_cpus=1).num_cpus == 3  # one node of 4
+    plan = plan_scoring({"CPU": 4}, use_gpu=False, data_cpus=1, node_cpus=2)
+    assert plan.num_cpus == 2 and plan.threads == 2
+    with pytest.raises(PlanError, match="largest node has 2"):
+        plan_scoring({"CPU": 8}, use_gpu=False, data_cpus=1, num_cpus_per_actor=3, node_cpus=2)

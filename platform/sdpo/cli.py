@@ -1,4 +1,4 @@
-"""The `sdpo` command line: `sdpo run`, `sdpo validate`, `sdpo tune`, `sdpo report`."""
+"""The `sdpo` command line: `sdpo run`, `validate`, `tune`, `report`, and on a cluster `submit` and `jobs`."""
 
 from __future__ import annotations
 
@@ -47,9 +47,69 @@ def build_parser() -> argparse.ArgumentParser:
     tun.add_argument("--output", help="experiment directory (default: <base job's output_dir>/<space name>)")
     tun.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                      help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
+    _cluster_commands(sub)
     rep = sub.add_parser("report", help="write report.md and plots/ for a finished run, print its stage table")
     rep.add_argument("run_dir", help="the run's output directory (local or fsspec URL, e.g. s3://bucket/run)")
     return parser
+
+
+def _cluster_commands(sub) -> None:
+    address = {"default": os.environ.get("RAY_ADDRESS"),
+               "help": "the cluster's dashboard, http://HEAD:8265 (default: $RAY_ADDRESS)"}
+    sm = sub.add_parser("submit", help="submit a job (or with --tune a search) to a Ray cluster",
+                        epilog="cluster workflow: README.md, section 'Run on a Ray cluster'")
+    sm.add_argument("target", metavar="JOB.yaml", help="job config (or, with --tune, a tune space)")
+    sm.add_argument("--tune", action="store_true", help="the file is a tune space: run `sdpo tune` on the cluster")
+    sm.add_argument("--address", **address)
+    sm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a job config key, as for sdpo run (repeatable)")
+    sm.add_argument("--output", help="where the run writes: s3://bucket/run, or an absolute path on shared storage "
+                    "(default: the job's output_dir)")
+    sm.add_argument("--working-dir", default=".", help="shipped with the job; must contain the file (default: .)")
+    sm.add_argument("--submission-id", help="the job's id on the cluster (default: Ray makes one)")
+    sm.add_argument("--wait", action="store_true", help="stream the job's logs until it ends; exit 0 if it "
+                    "SUCCEEDED, 1 otherwise")
+    jobs = sub.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", help="submission id (status, logs, stop)")
+    jobs.add_argument("--follow", action="store_true", help="logs: keep printing until the job ends")
+    jobs.add_argument("--address", **address)
+
+
+def cluster_command(args) -> int:
+    from sdpo import submit
+
+    if args.command == "submit":
+        sub = submit.build_submission(args.target, tune=args.tune, overrides=args.overrides, output=args.output,
+                                      working_dir=args.working_dir)
+        job_id = submit.submit(args.address, sub, args.submission_id)
+        print(f"submitted {job_id}: {sub.entrypoint}")
+        if sub.output:
+            print(f"output: {sub.output}")
+        print(f"follow it with: sdpo jobs logs {job_id} --follow")
+        if not args.wait:
+            return 0
+        status = submit.follow(args.address, job_id)
+        print(f"job {job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    if args.action == "list":
+        print(submit.format_jobs(submit.list_jobs(args.address)))
+        return 0
+    if not args.job_id:
+        raise ConfigError(f"sdpo jobs {args.action} needs a submission id (see sdpo jobs list)")
+    c = submit.client(args.address)
+    if args.action == "status":
+        info = c.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    elif args.action == "logs":
+        if args.follow:
+            print(f"job {args.job_id}: {submit.follow(args.address, args.job_id)}")
+        else:
+            print(c.get_job_logs(args.job_id), end="")
+    else:
+        stopped = c.stop_job(args.job_id)
+        print(f"{args.job_id}: {'stop requested' if stopped else 'not running'}")
+    return 0
 
 
 def report(run_dir: str) -> int:
@@ -70,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":
         return report(args.run_dir)
+    if args.command in ("submit", "jobs"):
+        try:
+            return cluster_command(args)
+        except (ConfigError, StorageError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except RuntimeError as err:  # the Job Submission API's errors (unknown id, cluster-side failures)
+            print(f"error: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+            return 2
     if args.command == "tune":
         from sdpo.tune import run_tune
 

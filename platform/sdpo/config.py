@@ -47,10 +47,34 @@ class SourceConfig(_Strict):
     path: str | list[str] = Field(description="File, glob or list of them; local or any fsspec URL (s3://...).")
     format: Literal["auto", "jsonl", "json", "parquet"] = "auto"
     max_rows: int | None = Field(None, gt=0, description="Read only the first N rows (quick experiments).")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Our field -> the file's column, e.g. {prompt: question}; `system` names "
+        "a column that becomes the conversation's system message (Intel/orca_dpo_pairs).",
+    )
+    implicit_prompt: bool = Field(
+        False, description="chosen/rejected are whole conversations beginning with the prompt (TRL's implicit "
+        "prompt); the prompt is their shared leading messages, a prompt column is ignored.",
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
+        allowed = ("prompt", "chosen", "rejected", "responses", "rewards", "score_chosen", "score_rejected", "system")
+        unknown = sorted(set(columns) - set(allowed))
+        if unknown:
+            raise ValueError(f"columns maps our fields to the file's columns; unknown field(s) {unknown}, "
+                             f"choose from {list(allowed)}")
+        return columns
 
     @property
     def paths(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else list(self.path)
+
+    @property
+    def mapping(self):
+        from sdpo.rows import RowMapping
+
+        return RowMapping(tuple(sorted(self.columns.items())), self.implicit_prompt)
 
 
 class EvalConfig(_Strict):
@@ -303,6 +327,10 @@ class ScalingConfig(_Strict):
     shared_filesystem: bool = Field(
         False, description="Local paths (output, cache, data) are on storage every node mounts (NFS, Lustre); "
         "without it a multi-node cluster needs them on object storage (s3://).",
+    )
+    autoscale: bool = Field(
+        False, description="The cluster adds nodes on demand (Ray autoscaler, KubeRay): plan for the resources the "
+        "job asks for, not the nodes up at submission; stages wait while nodes start. Implies multi-node path rules.",
     )
 
 

@@ -34,7 +34,7 @@ from sdpo.config import ConfigError
 from sdpo.inputs import file_format
 from sdpo.partition import DROPPED, EVAL, UNUSED, PartitionSpec, row_keys
 from sdpo.ranking import ScoreTable, content_share
-from sdpo.rows import RowError, prepare_record, user_score
+from sdpo.rows import RowError, RowMapping, prepare_record, user_score
 
 EVAL_SPLIT = "_eval"
 UNUSED_SPLIT = "_unused"
@@ -155,6 +155,7 @@ class TokenizerSettings:
     eval_seed: int
     roots: dict[str, str]  # source -> common folder of its files; a row's identity is its path below it
     score_field: str | None = None  # partitioning.score_field: read each row's own score (score_column)
+    mappings: dict[str, RowMapping] = field(default_factory=dict)  # source -> its column mapping
 
 
 def file_identity(path: str, root: str) -> str:
@@ -195,7 +196,8 @@ def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
         split_key = row_keys(src, name, line, settings.seed)[1]
         try:
             pair = prepare_record(raw, tok, max_length=settings.max_length,
-                                  max_prompt_length=settings.max_prompt_length, eos_id=settings.eos_id)
+                                  max_prompt_length=settings.max_prompt_length, eos_id=settings.eos_id,
+                                  mapping=settings.mappings.get(src))
             reason, ids, keep_raw = "", (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids), ""
             group = (pair.responses_ids, pair.rewards, pair.chosen_index, pair.rejected_index)
             score = user_score(raw, settings.score_field) if settings.score_field else float("nan")

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 EXPECTED = (
     "columns prompt + chosen + rejected (strings, or lists of {role, content} messages; optionally "
-    "score_chosen + score_rejected), or prompt + responses + rewards (K completions and K numbers)"
+    "score_chosen + score_rejected; without prompt, chosen + rejected as whole conversations), or prompt + "
+    "responses + rewards (K completions and K numbers); a source's `columns:` maps other names onto these"
 )
 _TEXT_COLUMNS = ("prompt", "chosen", "rejected", "responses")
 _SMALL = 64 << 10  # JSON files up to this size are read whole to tell whether they hold anything
@@ -124,19 +125,35 @@ def _textual(t: Any) -> bool:
     return any(getattr(pa.types, k, lambda _: False)(t) for k in kinds)
 
 
-def parquet_problem(schema: Any) -> str | None:
-    """Why no row of a Parquet file with this Arrow schema could be used, or None if some could."""
+def _is_string(t: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t)
+
+
+def parquet_problem(schema: Any, mapping: Any = None) -> str | None:
+    """Why no row of a Parquet file with this Arrow schema could be used, or None if some could.
+    With a source's `RowMapping`, its columns are looked up under the names the mapping gives them."""
+    column = mapping.column if mapping is not None else (lambda field: field)
     names = set(schema.names)
-    if "prompt" not in names or not ({"chosen", "rejected"} <= names or {"responses", "rewards"} <= names):
-        return f"it has columns {schema.names}; expected {EXPECTED}"
-    for col in _TEXT_COLUMNS:
-        if col in names and not _textual(schema.field(col).type):
+    has = {f for f in ("prompt", "chosen", "rejected", "responses", "rewards") if column(f) in names}
+    # without a prompt column, chosen/rejected lists are read as whole conversations (implicit prompt)
+    implicit = "chosen" in has and not _is_string(schema.field(column("chosen")).type)
+    pairs = {"chosen", "rejected"} <= has and ("prompt" in has or implicit)
+    if not (pairs or {"prompt", "responses", "rewards"} <= has):
+        renamed = f" (read through the source's columns {dict(mapping.columns)})" if mapping and mapping.columns else ""
+        return f"it has columns {schema.names}{renamed}; expected {EXPECTED}"
+    for field in _TEXT_COLUMNS:
+        col = column(field)
+        if field in has and not _textual(schema.field(col).type):
             return (f"column {col!r} has type {schema.field(col).type}, not text (a string or a list of "
                     f"{{role, content}} messages); expected {EXPECTED}")
     return None
 
 
-def inspect_file(f: InputFile) -> tuple[bool, str | None]:
+def inspect_file(f: InputFile, mapping: Any = None) -> tuple[bool, str | None]:
     """(empty, problem) for one file: a Parquet footer, or the bytes of a small JSON file."""
     if f.size == 0:
         return True, None
@@ -149,23 +166,23 @@ def inspect_file(f: InputFile) -> tuple[bool, str | None]:
                 schema = meta.schema.to_arrow_schema()
         except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
             return False, f"is not a readable Parquet file ({first_line(err)}); set the source's format if it is JSON"
-        return meta.num_rows == 0, (None if meta.num_rows == 0 else parquet_problem(schema))
+        return meta.num_rows == 0, (None if meta.num_rows == 0 else parquet_problem(schema, mapping))
     if f.size is not None and f.size <= _SMALL:
         with f.fs.open(f.fs_path, "rb") as fh:
             return b"".join(fh.read().split()) in (b"", b"[]"), None
     return False, None
 
 
-def check_source(source: str, files: list[InputFile]) -> list[str]:
+def check_source(source: str, files: list[InputFile], mapping: Any = None) -> list[str]:
     """Raise for files no row of which could be used, or if every file is empty; return the empty ones.
 
     Footers and small files are read in a thread pool: remote files cost one or two requests each.
     """
     if len(files) == 1:
-        results = [inspect_file(files[0])]
+        results = [inspect_file(files[0], mapping)]
     else:
         with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
-            results = list(pool.map(inspect_file, files))
+            results = list(pool.map(lambda f: inspect_file(f, mapping), files))
     bad = [f"{f.path}: {problem}" for f, (_, problem) in zip(files, results, strict=True) if problem]
     if bad:
         raise ConfigError(

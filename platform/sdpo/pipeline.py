@@ -18,12 +18,22 @@ from typing import Any
 from sdpo import storage
 from sdpo.config import ConfigError, JobConfig
 from sdpo.manifest import MANIFEST, Manifest, differences, stage_inputs, stage_settings
-from sdpo.plan import BASE, PlanError, StagePlan, format_plan, plan_resources, plan_scoring, plan_stages
+from sdpo.plan import (
+    BASE,
+    PlanError,
+    StagePlan,
+    autoscaled_view,
+    format_plan,
+    plan_resources,
+    plan_scoring,
+    plan_stages,
+)
 
 SUMMARY = "summary.json"
 REJECTED = "rejected_rows.jsonl"
 CACHE = "cache"
 BUILTIN = "builtin:quickstart/"
+SHIPPED_ENV = "SDPO_SHIPPED"  # set by `sdpo submit`: the job's runtime env already carries the sdpo package
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,7 +82,7 @@ def resolve_files(job: JobConfig) -> dict[str, list[str]]:
     files: dict[str, list[str]] = {}
     for src in job.data.sources:
         found = [f for pattern in src.paths for f in expand(src.name, pattern, src.format)]
-        check_source(src.name, found)
+        check_source(src.name, found, src.mapping)
         files[src.name] = [f.path for f in found]
     return files
 
@@ -177,7 +187,7 @@ def init_ray(address: str | None) -> None:
 
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"log_to_driver": True}
-        if address:
+        if address and not os.environ.get(SHIPPED_ENV):  # `sdpo submit` ships the package with the job itself
             import sdpo
 
             kwargs["runtime_env"] = {"py_modules": [os.path.dirname(sdpo.__file__)]}
@@ -238,18 +248,23 @@ def prepare_run(job: JobConfig, out: str, *, address: str | None, log: Callable[
     _check_shared_storage(job, out, files)
     s = job.scaling
     cluster = cluster or ray.cluster_resources()  # a Tune trial plans within its share
+    if s.autoscale:
+        cluster = autoscaled_view(cluster, num_workers=s.num_workers, use_gpu=s.use_gpu, data_cpus=s.data_cpus,
+                                  resources_per_worker=s.resources_per_worker)
     resources = plan_resources(cluster, num_workers=s.num_workers, use_gpu=s.use_gpu,
                                data_cpus=s.data_cpus, resources_per_worker=s.resources_per_worker)
     r = job.reference
     scoring = plan_scoring(cluster, use_gpu=s.use_gpu, data_cpus=s.data_cpus,
                            num_actors=r.num_actors, num_gpus_per_actor=r.num_gpus_per_actor,
-                           num_cpus_per_actor=r.num_cpus_per_actor, precision=r.precision)
+                           num_cpus_per_actor=r.num_cpus_per_actor, precision=r.precision,
+                           node_cpus=None if s.autoscale else _largest_node_cpus())
     data_dir = storage.join(out, "data")
     settings = ingest.TokenizerSettings(
         path=job.model.tokenizer_path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code,
         max_length=job.data.max_length, max_prompt_length=job.data.max_prompt_length, eos_id=tok.eos_token_id,
         seed=job.partitioning.seed, eval_seed=job.data.eval.seed, roots=ingest.source_roots(files),
         score_field=job.partitioning.score_field,
+        mappings={src.name: src.mapping for src in job.data.sources},
     )
     log(f"reading {sum(len(f) for f in files.values())} file(s) from {len(files)} source(s)")
     report, keys = ingest.prepare(job.data.sources, files, data_dir, settings, storage.join(out, REJECTED))
@@ -717,10 +732,19 @@ def _redacting(log: Callable[[str], None]) -> Callable[[str], None]:
     return lambda line: log(storage.redact(line))
 
 
+def _largest_node_cpus() -> float | None:
+    import ray
+
+    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return max(cpus) if cpus else None
+
+
 def _check_shared_storage(job: JobConfig, out: str, files: dict[str, list[str]]) -> None:
     import ray
 
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if job.scaling.autoscale:
+        nodes = max(nodes, 2)  # the nodes it will add see none of this one's disk
     problem = unshared_paths(nodes, job, out, files)
     if problem:
         raise ConfigError(problem)

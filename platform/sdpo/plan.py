@@ -155,6 +155,23 @@ def plan_resources(
     return ResourcePlan(per, max(1, int(per.get("CPU", 1.0))), data_cpus)
 
 
+def autoscaled_view(cluster: dict[str, float], *, num_workers: int, use_gpu: bool, data_cpus: float,
+                    resources_per_worker: dict[str, float] | None = None) -> dict[str, float]:
+    """The cluster as the autoscaler will make it for this job: what is up now, raised to what the
+    training workers (and Ray Data's reserve) ask for. An autoscaling cluster often starts with a head
+    node alone, which offers no GPU and, by design, no CPU for work; planning against that would refuse
+    every job. Ray queues the requests and the autoscaler adds the nodes."""
+    per = dict(resources_per_worker or {"CPU": 1.0})
+    per.setdefault("CPU", 1.0)
+    if use_gpu:
+        per.setdefault("GPU", 1.0)
+    view = dict(cluster)
+    for key, each in per.items():
+        need = each * num_workers + (data_cpus if key == "CPU" else 0.0)
+        view[key] = max(view.get(key, 0.0), need)
+    return view
+
+
 @dataclass(frozen=True)
 class ScoringPlan:
     """The inference passes' actor pool (reference, base-model and held-out scoring)."""
@@ -175,11 +192,14 @@ def plan_scoring(
     num_gpus_per_actor: float | None = None,
     num_cpus_per_actor: float | None = None,
     precision: str = "auto",
+    node_cpus: float | None = None,
 ) -> ScoringPlan:
     """Size the actor pool of the inference passes, which run between stages (never beside training).
 
     GPU: one actor per GPU, 1 GPU and 1 CPU each. CPU: one actor holding every CPU but Ray Data's
-    share (one model copy, many threads, beats several copies fighting for the same cores).
+    share (one model copy, many threads, beats several copies fighting for the same cores), and no more
+    than the largest node has (`node_cpus`): on a multi-node cluster the sum of the nodes' CPUs is not
+    a place an actor can live — asking for it is a request that waits forever.
     """
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     gpu_each = num_gpus_per_actor if num_gpus_per_actor is not None else (1.0 if use_gpu else 0.0)
@@ -189,6 +209,13 @@ def plan_scoring(
     else:
         actors = num_actors or 1
         cpu_each = num_cpus_per_actor or max(0.5, (cpus - max(data_cpus, 1.0)) / actors)
+        if node_cpus is not None and not num_cpus_per_actor:
+            cpu_each = min(cpu_each, node_cpus)  # an actor lives on one node: the cluster's sum is not a node
+    if node_cpus is not None and cpu_each > node_cpus + 1e-9:
+        raise PlanError(
+            f"reference: an actor asks for {cpu_each:g} CPUs but the largest node has {node_cpus:g}; it would "
+            "wait forever. Lower reference.num_cpus_per_actor"
+        )
     if actors * gpu_each > gpus + 1e-9:
         raise PlanError(
             f"reference: {actors} actors x {gpu_each:g} GPU need {actors * gpu_each:g} GPUs but the cluster has "

@@ -9,6 +9,10 @@ reward-aware losses. A K-response row, {"prompt", "responses": [K completions], 
 (K >= 2, either format), feeds the listwise losses (InfoNCA, NCA); the pairwise losses see its binarised
 pair: the highest-reward response as chosen, the lowest as rejected.
 
+Other column names and layouts map onto these with a source's `RowMapping` (`columns:` renames,
+a `system` column that becomes the conversation's system message, and TRL's implicit-prompt format,
+where chosen and rejected are whole conversations that begin with the same prompt turns).
+
 Conversational rows are rendered with the tokenizer's chat template; a tokenizer without one gets
 `FALLBACK_CHAT_TEMPLATE` (documented in the README). The completion is whatever the rendered
 conversation adds after the rendered prompt with its generation prompt, so chosen and rejected share
@@ -75,6 +79,66 @@ def parse_record(raw: str | bytes | dict[str, Any]) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise RowError(f"a row must be a JSON object, got {type(record).__name__}")
     return record
+
+
+@dataclass(frozen=True)
+class RowMapping:
+    """How a source's rows become TRL rows, before validation.
+
+    - `columns`: our field -> the file's column (`{prompt: question}`); `system` may name a column
+      whose text becomes a system message: the prompt is then the conversation [system, user: prompt]
+      and string completions become assistant messages (Intel/orca_dpo_pairs' layout);
+    - `implicit_prompt`: chosen and rejected are whole conversations; the prompt is their shared
+      leading messages and any prompt column is ignored. Rows without a prompt field whose chosen and
+      rejected are message lists are read this way anyway (as TRL does).
+    """
+
+    columns: tuple[tuple[str, str], ...] = ()
+    implicit_prompt: bool = False
+
+    def column(self, field: str) -> str:
+        return dict(self.columns).get(field, field)
+
+    def apply(self, record: dict[str, Any]) -> dict[str, Any]:
+        if self.columns:
+            renamed = {ours: record[theirs] for ours, theirs in self.columns if theirs in record}
+            taken = {theirs for _, theirs in self.columns}
+            record = {k: v for k, v in record.items() if k not in taken} | renamed
+        if "system" in dict(self.columns):
+            record = _with_system(record)
+        if "responses" not in record and (self.implicit_prompt or record.get("prompt") is None):
+            record = _split_implicit_prompt(record, explicit=self.implicit_prompt)
+        return record
+
+
+def _with_system(record: dict[str, Any]) -> dict[str, Any]:
+    system, prompt = record.pop("system", None), record.get("prompt")
+    if not isinstance(prompt, str):
+        return record  # already conversational (or missing: validation names it)
+    messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    out = dict(record, prompt=messages + [{"role": "user", "content": prompt}])
+    for field in ("chosen", "rejected"):
+        if isinstance(out.get(field), str):
+            out[field] = [{"role": "assistant", "content": out[field]}]
+    if isinstance(out.get("responses"), list):
+        out["responses"] = [[{"role": "assistant", "content": r}] if isinstance(r, str) else r
+                            for r in out["responses"]]
+    return out
+
+
+def _split_implicit_prompt(record: dict[str, Any], *, explicit: bool) -> dict[str, Any]:
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        if explicit:
+            raise RowError("implicit_prompt: 'chosen' and 'rejected' must both be lists of messages")
+        return record
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise RowError("no prompt: 'chosen' and 'rejected' share no leading message (implicit-prompt rows "
+                       "must start with the same prompt turns); add a 'prompt' field")
+    return dict(record, prompt=chosen[:shared], chosen=chosen[shared:], rejected=rejected[shared:])
 
 
 def _check_messages(field: str, value: list[Any]) -> None:
@@ -241,10 +305,13 @@ def prepare_group(record: dict[str, Any], tokenizer: Any, *, max_length: int, ma
 
 
 def prepare_record(
-    raw: str | bytes | dict[str, Any], tokenizer: Any, *, max_length: int, max_prompt_length: int, eos_id: int
+    raw: str | bytes | dict[str, Any], tokenizer: Any, *, max_length: int, max_prompt_length: int, eos_id: int,
+    mapping: RowMapping | None = None,
 ) -> TokenizedPair:
     """Raw row (a pair or a K-response row) -> token ids, or RowError with the reason."""
     record = parse_record(raw)
+    if mapping is not None:
+        record = mapping.apply(record)
     if "responses" in record:
         return prepare_group(record, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                              eos_id=eos_id)
