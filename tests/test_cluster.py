@@ -21,7 +21,8 @@ BIN = str(Path(sys.executable).parent)
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
 ENV.pop("RAY_ADDRESS", None)
-QUICK = ["--set", "reference.gamma=false", "--set", "scaling.shared_filesystem=true"]
+# the quickstart without its diagnostics passes (gamma, held-out): the cluster path, not the metrics
+QUICK = ["--set", "reference.gamma=false", "--set", "data.eval.fraction=0", "--set", "scaling.shared_filesystem=true"]
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -1,5 +1,5 @@
-"""Fault tolerance for real: a worker killed mid-stage, the driver killed between stages and inside a
-stage, and `sdpo run --resume` — each compared with an uninterrupted run of the same job.
+"""Fault tolerance for real: a worker killed mid-stage, the driver killed inside a stage (after stage 1
+completed), and `sdpo run --resume [--force]` — each compared with an uninterrupted run of the same job.
 
 Every run is a real `sdpo run` subprocess on its own local Ray instance (a driver crash takes its Ray
 processes with it: the test kills the whole process group, like a lost head node). The job is 2 stages
@@ -180,17 +180,24 @@ def test_worker_killed_mid_stage_resumes_from_its_checkpoint(setup):
     _same_run(reference, tmp / "worker")
 
 
-@pytest.mark.timeout(900)
-def test_driver_killed_between_stages_then_resumed(setup):
+@pytest.mark.timeout(1200)
+def test_driver_killed_inside_a_stage_then_resumed(setup):
+    """Killed right after stage 2's step-3 checkpoint is committed (stage 1 complete, stage 2 half done):
+    the manifest holds stage 1 only and there is no summary; `--resume DIR` (the job comes from the
+    run's own manifest) skips stage 1, continues stage 2 from step 3 (Ray Train's storage under the same
+    run name) and ends identical to the uninterrupted run. Then the same directory with a changed job:
+    refused naming the change, and retrained from that stage with --force, keeping stage 1."""
     tmp, job, reference = setup
-    out = tmp / "between"
-    _run_and_kill(["run", str(job), "--output", str(out)], ["stage 2/2: training"])
+    out = tmp / "inside"
+    _run_and_kill(["run", str(job), "--output", str(out)], ["[stage 2 uf] checkpoint at step 3 committed"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["stages"]) == ["1"]
     assert not (out / "summary.json").exists()
-    r = _run(["run", "--resume", str(out)])  # the job comes from the run's own manifest
+    r = _run(["run", "--resume", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage 1/2: complete" in r.stdout and "skipped" in r.stdout
+    assert "resuming from its checkpoint at step 3/8" in r.stdout + r.stderr
+    assert _metrics(out, 2)["resumed_from_step"] == 3
     _same_run(reference, out)
     summary = json.loads((out / "summary.json").read_text())
     assert [s["index"] for s in summary["stages"]] == [1, 2]
@@ -206,21 +213,6 @@ def test_driver_killed_between_stages_then_resumed(setup):
     assert "stage 1/2: complete" in r.stdout and "--force: retraining" in r.stdout
     assert _numbers(_steps(out, 1)) == _numbers(_steps(reference, 1))
     assert [e["lr"] for e in _steps(out, 2)] != [e["lr"] for e in _steps(reference, 2)]
-
-
-@pytest.mark.timeout(900)
-def test_driver_killed_inside_a_stage_then_resumed(setup):
-    """Killed right after stage 2's step-3 checkpoint is committed: the resumed run skips stage 1,
-    continues stage 2 from step 3 (Ray Train's storage under the same run name) and ends identical."""
-    tmp, job, reference = setup
-    out = tmp / "inside"
-    _run_and_kill(["run", str(job), "--output", str(out)], ["[stage 2 uf] checkpoint at step 3 committed"])
-    assert list(json.loads((out / "manifest.json").read_text())["stages"]) == ["1"]
-    r = _run(["run", str(job), "--resume", str(out)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming from its checkpoint at step 3/8" in r.stdout + r.stderr
-    assert _metrics(out, 2)["resumed_from_step"] == 3
-    _same_run(reference, out)
 
 
 def test_multi_node_refuses_local_paths():

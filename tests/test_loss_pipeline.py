@@ -117,11 +117,12 @@ OTHERS = [{"type": "sigmoid", "label_smoothing": 0.1}, {"type": "hinge"}, {"type
 
 @pytest.fixture(scope="module")
 def every_other_loss(ray_session, tmp_path_factory, shared):
-    """The remaining 9 losses, one short stage each (no held-out split, no gamma pass: only the
-    reference pass and training, to keep 9 stages cheap)."""
+    """The remaining 9 losses, one short stage each. No inference pass at all, to keep 9 stages cheap:
+    no held-out split, no gamma pass, and the reference runs online inside the training step (the
+    mixed run above covers the reference pass of pairs, scored pairs and K-response rows)."""
     tmp = tmp_path_factory.mktemp("others")
     over = {"partitioning": {"strategy": "random", "num_parts": len(OTHERS)},
-            "stages": [{"loss": loss} for loss in OTHERS], "reference": {"gamma": False}}
+            "stages": [{"loss": loss} for loss in OTHERS], "reference": {"gamma": False, "mode": "online"}}
     j = job(tmp, **over)
     j = parse_job(j.model_dump(mode="json") | {"data": j.data.model_dump(mode="json") | {"eval": {"fraction": 0.0}}})
     return run(j, log=lambda s: None)

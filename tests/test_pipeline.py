@@ -317,3 +317,35 @@ def test_glob_matching_nothing_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"data.sources\[orca\].path: .* matches no file"):
         run(job(tmp_path, data={"sources": [{"name": "orca", "path": str(tmp_path / "nope*.jsonl")}]}),
             log=lambda s: None)
+
+
+def test_hub_dataset_layouts_through_ingest(ray_session, tmp_path, shared):
+    """The paper jobs' two hub layouts, rebuilt from the shared real rows: Intel/orca_dpo_pairs (Parquet,
+    {system, question, chosen, rejected} strings) and argilla's UltraFeedback (whole conversations with
+    the prompt inside, ratings in their own columns) — every row ingested, the same pairs as TRL rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    orca = [json.loads(x) for x in ORCA.read_text().splitlines()[:30]]
+    orca_rows = [{"system": r["prompt"][0]["content"], "question": r["prompt"][-1]["content"],
+                  "chosen": r["chosen"][0]["content"], "rejected": r["rejected"][0]["content"]}
+                 for r in orca if r["prompt"][0]["role"] == "system"]
+    pq.write_table(pa.Table.from_pylist(orca_rows), tmp_path / "orca_rlhf.parquet")
+    uf = [json.loads(x) for x in ULTRAFEEDBACK.read_text().splitlines()[:30]]
+    with open(tmp_path / "uf.jsonl", "w") as f:
+        for r in uf:
+            user = {"role": "user", "content": r["prompt"]}
+            f.write(json.dumps({"prompt": r["prompt"], "chosen-rating": r["score_chosen"],
+                                "rejected-rating": r["score_rejected"],
+                                "chosen": [user, {"role": "assistant", "content": r["chosen"]}],
+                                "rejected": [user, {"role": "assistant", "content": r["rejected"]}]}) + "\n")
+    spec = {"sources": [
+        {"name": "orca", "path": str(tmp_path / "orca_rlhf.parquet"), "columns": {"prompt": "question", "system": "system"}},
+        {"name": "uf", "path": str(tmp_path / "uf.jsonl"), "implicit_prompt": True,
+         "columns": {"score_chosen": "chosen-rating", "score_rejected": "rejected-rating"}}],
+        "max_length": 96, "max_prompt_length": 48, "eval": {"fraction": 0.0}}
+    summary = run(job(tmp_path, data=spec), plan_only=True, log=lambda s: None)
+    assert summary["rejected_rows"] == 0
+    assert summary["data"]["valid"] == {"orca": len(orca_rows), "uf": 30}
+    table = pq.read_table(tmp_path / "out" / "data" / "partitions" / "split=uf").to_pylist()
+    assert sorted(r["rewards"] for r in table) == sorted([r["score_chosen"], r["score_rejected"]] for r in uf)
