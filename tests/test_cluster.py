@@ -186,3 +186,25 @@ def test_bad_job_never_reaches_the_cluster(cluster, tmp_path):
     assert sdpo(["jobs", "list"], cluster).stdout.count("\n") == before
     unknown = sdpo(["jobs", "status", "no-such-job"], cluster)
     assert unknown.returncode == 2 and "no-such-job" in unknown.stderr
+
+
+def test_submit_tune_runs_a_search_on_the_cluster(cluster, tmp_path):
+    """`sdpo submit --tune` with the space given relative to the working directory: its trials run in
+    their own directories, possibly on the other node, so they get the parsed space, not its path (a
+    relative path failed every trial here before, and the job still said SUCCEEDED)."""
+    import yaml
+
+    job = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
+    job["data"]["sources"] = [{"name": "easy", "path": "builtin:quickstart/easy", "max_rows": 120}]
+    job["data"]["eval"] = {"fraction": 0.1}
+    job["reference"] = {"mode": "online", "gamma": False}
+    job["scaling"]["shared_filesystem"] = True
+    space = {"name": "one", "job": job, "search": {"training.learning_rate": {"grid": [0.001]}},
+             "searcher": "grid", "scheduler": {"type": "fifo"}, "metric": "eval/reward_accuracy", "mode": "max"}
+    (tmp_path / "space.yaml").write_text("# sdpo tune space.yaml\n" + yaml.safe_dump(space))
+    out = tmp_path / "out"
+    r = sdpo(["submit", "--tune", "space.yaml", "--output", str(out), "--wait", "--submission-id", "sdpo-tune"],
+             cluster, timeout=540, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    assert "job sdpo-tune: SUCCEEDED" in r.stdout and "failed:" not in r.stdout
+    assert (out / "best_job.yaml").exists() and (out / "results.csv").exists()

@@ -143,10 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         from sdpo.tune import run_tune
 
         try:
-            run_tune(args.space, output=args.output, address=args.address)
+            result = run_tune(args.space, output=args.output, address=args.address)
         except (ConfigError, StorageError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        if result["best"] is None:  # a search in which no trial finished is a failed command (and job)
+            print("error: no trial completed all its stages (failed trials are listed above)", file=sys.stderr)
+            return 1
         return 0
     from sdpo.pipeline import run
 

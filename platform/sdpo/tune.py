@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -30,15 +31,17 @@ from sdpo import storage
 from sdpo.config import ConfigError, parse_job
 
 
-def _trial(config: dict, *, space_file: str, out: str, trial_cluster: dict[str, float]) -> None:
-    """One trial (runs inside a Tune trial actor): the job of `config`, reporting after every stage."""
+def _trial(config: dict, *, space: Any, out: str, trial_cluster: dict[str, float]) -> None:
+    """One trial (runs inside a Tune trial actor): the job of `config`, reporting after every stage.
+
+    The parsed space travels with the trial, not its file's path: a trial runs in its own working
+    directory, on any node, where a relative (or node-local) path to the space file means nothing."""
     import ray.tune
 
     from sdpo.pipeline import run
     from sdpo.stage_store import StageStore
-    from sdpo.tuning import decode_config, load_space, trial_job, trial_name
+    from sdpo.tuning import decode_config, trial_job, trial_name
 
-    space = load_space(space_file, check=False)
     trial_id = trial_name(decode_config(space, config))
     raw = trial_job(space, config, trial_id).model_dump(mode="json")
     raw["reference"]["cache_dir"] = raw["reference"].get("cache_dir") or storage.join(out, "cache")
@@ -125,7 +128,7 @@ def run_tune(space_file: str, *, output: str | None = None, address: str | None 
         f"{plan.concurrent} trial(s) at a time, each with {plan.trial_cluster}")
     param_space, search_alg = _searcher(space, tune, plan.concurrent)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, space_file=str(space_file), out=out, trial_cluster=plan.trial_cluster),
+        tune.with_parameters(_trial, space=space, out=out, trial_cluster=plan.trial_cluster),
         {"CPU": plan.driver_cpus},
     )
     tuner = tune.Tuner(
@@ -135,6 +138,11 @@ def run_tune(space_file: str, *, output: str | None = None, address: str | None 
                                     scheduler=_scheduler(space, tune), num_samples=space.num_samples),
         run_config=tune.RunConfig(name=space.name, storage_path=storage.join(out, "tune"), verbose=1),
     )
+    if os.environ.get("SDPO_SHIPPED"):
+        # A submitted job runs in its working copy, which Ray's runtime-env agent deletes once no worker on
+        # this node uses it any more (trials end, the driver does not count): Tune's own path arithmetic
+        # then fails on the vanished cwd. Everything is loaded by now; go on from a directory that stays.
+        os.chdir(tempfile.gettempdir())
     results = tuner.fit()
     return _summarise(space, out, results, log)
 
@@ -185,6 +193,9 @@ def _summarise(space, out: str, results: Any, log: Callable[[str], None]) -> dic
             f"rerun it with: sdpo run {storage.join(out, 'best_job.yaml')}")
     else:
         log("no trial completed all its stages; no best_job.yaml")
+    for t in trials:
+        if t["status"] == "ERROR":
+            log(f"trial {t['trial']} failed: {t['error']}")
     return {"rows": rows, "trials": trials, "best": best, "reused_stages": len(reused), "trained_stages": trained,
             "saved_steps": steps, "results_csv": csv_path, "results_md": md_path, "plot": plot,
             "best_job": storage.join(out, "best_job.yaml") if best else None}
