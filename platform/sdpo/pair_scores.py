@@ -103,7 +103,7 @@ def train_probe(job: JobConfig, out: str, *, pool: caching.CacheEntry, content_k
 
     from sdpo.ingest import split_dataset
     from sdpo.losses import resolve_options
-    from sdpo.pipeline import _write_stage_model, stage_config
+    from sdpo.pipeline import stage_config, write_stage_model
     from sdpo.plan import BASE, StagePlan, steps_per_epoch
     from sdpo.worker import STAGE_METRICS, STEP_LOG, TRAIN_STATE, stage_loop
 
@@ -137,7 +137,7 @@ def train_probe(job: JobConfig, out: str, *, pool: caching.CacheEntry, content_k
     )
     log(f"probe stage: training on {n} pairs for {stage.total_steps} steps (cache miss)")
     result = trainer.fit()
-    digest = _write_stage_model(result.checkpoint, model, root, (STEP_LOG, STAGE_METRICS), TRAIN_STATE)
+    digest = write_stage_model(result.checkpoint, model, root, (STEP_LOG, STAGE_METRICS), TRAIN_STATE)
     steps = storage.read_json(storage.join(root, STAGE_METRICS))["steps"]
     if steps != stage.total_steps:
         raise RuntimeError(f"the probe stage ran {steps} optimiser steps, planned {stage.total_steps}")

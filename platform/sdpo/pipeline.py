@@ -508,7 +508,7 @@ def train_stage(prep: Prepared, stage: StagePlan, previous: Any, ref_digest: str
     result = trainer.fit()
     stage_dir = storage.join(out, "stages", str(stage.index))
     model = storage.join(stage_dir, "model")
-    digest = _write_stage_model(result.checkpoint, model, stage_dir, (STEP_LOG, STAGE_METRICS), TRAIN_STATE)
+    digest = write_stage_model(result.checkpoint, model, stage_dir, (STEP_LOG, STAGE_METRICS), TRAIN_STATE)
     metrics = storage.read_json(storage.join(stage_dir, STAGE_METRICS))
     if metrics["steps"] != stage.total_steps:
         raise RuntimeError(f"stage {stage.index} ran {metrics['steps']} optimiser steps, planned {stage.total_steps}")
@@ -526,7 +526,7 @@ def train_stage(prep: Prepared, stage: StagePlan, previous: Any, ref_digest: str
     }
 
 
-def _write_stage_model(checkpoint: Any, model: str, stage_dir: str, side_files: tuple[str, ...],
+def write_stage_model(checkpoint: Any, model: str, stage_dir: str, side_files: tuple[str, ...],
                        drop: str) -> str | None:
     """Copy the stage's final checkpoint to `model` (the step log and metrics beside it, in `stage_dir`)
     and verify it before the stage can be marked complete: every file came down whole (sizes equal the

@@ -127,19 +127,21 @@ def submit(address: str | None, sub: Submission, submission_id: str | None = Non
 
 
 def follow(address: str | None, job_id: str, *, poll: float = 1.0, out=sys.stdout) -> str:
-    """Print the job's logs as they come until it ends; return its final status."""
+    """Stream the job's logs as they come (the dashboard's log tail: each line sent once, not the whole
+    log re-fetched every poll) until it ends; return its final status."""
+    import asyncio
+
     c = client(address)
-    printed = 0
-    while True:
-        status = str(c.get_job_status(job_id).value)
-        logs = c.get_job_logs(job_id)
-        if len(logs) > printed:
-            out.write(logs[printed:])
+
+    async def stream() -> None:
+        async for chunk in c.tail_job_logs(job_id):
+            out.write(chunk)
             out.flush()
-            printed = len(logs)
-        if status in TERMINAL:
-            return status
+
+    asyncio.run(stream())
+    while (status := str(c.get_job_status(job_id).value)) not in TERMINAL:  # the tail ends as the job does
         time.sleep(poll)
+    return status
 
 
 def list_jobs(address: str | None) -> list[dict[str, Any]]:
