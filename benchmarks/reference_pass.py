@@ -146,6 +146,16 @@ def load_pairs(path: Path, tok, n: int, max_length: int, max_prompt_length: int)
     return (prompts, chosens, rejecteds), skipped
 
 
+def setup(args):
+    """Threads, device, tokenizer and pairs from the parsed arguments (shared by the benchmarks)."""
+    if args.threads:
+        torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or args.threads)))
+    device = pick_device(args.device)
+    tok = load_tokenizer(args.model)
+    pairs, skipped = load_pairs(args.data, tok, args.pairs, args.max_length, args.max_prompt_length)
+    return device, tok, pairs, skipped
+
+
 def build_model(args, tok, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """--model's weights, or the same seeded random Llama on every call."""
     if args.synthetic_llama is None:
@@ -263,11 +273,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or args.threads)))
-    device = pick_device(args.device)
-    tok = load_tokenizer(args.model)
-    pairs, skipped = load_pairs(args.data, tok, args.pairs, args.max_length, args.max_prompt_length)
+    device, tok, pairs, skipped = setup(args)
     n = len(pairs[0])
     tokens = sum(2 * len(a) + len(b) + len(d) for a, b, d in zip(*pairs, strict=True))  # non-padding
     on_gpu = device.type == "cuda"

@@ -257,6 +257,17 @@ class TrainingConfig(_Strict):
     )
     shuffle: bool = True
     logging_steps: int = Field(1, gt=0)
+    shared_prompt: bool = Field(
+        True, description="One row per pair, the prompt computed once for chosen and rejected, logits only at "
+        "completion positions (exact; sdpa/eager attention, pairwise losses). false: two rows per pair.",
+    )
+    length_splits: int = Field(
+        4, gt=0, description="With shared_prompt: the most chunks a micro-batch (sorted by length) is cut into "
+        "to trim padding; each chunk is a forward/backward of its own (exact: gradients are summed).",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~1/3 more compute.",
+    )
 
 
 class StageOverride(_Strict):

@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 
 from sdpo.logprobs import collate_pairs, collate_sequences, row_groups, token_logps_sum
+from sdpo.pair_layout import collate_shared, shared_sequence_logps, supports_shared_prompt
 
 TOKENS = ("chosen_tokens", "rejected_tokens")
 
@@ -75,11 +76,15 @@ def score_pairs(
     *,
     device: torch.device,
     micro_batch: int = 32,
+    shared_prompt: bool = True,
 ) -> dict[str, np.ndarray]:
     """Summed completion log-probs of chosen and rejected, and their token counts, per pair.
 
     Pairs are scored longest-first in micro-batches of similar length, then put back in input order.
+    `shared_prompt`: one row per pair, the prompt computed once (`pair_layout`), where the model's
+    attention takes the mask; the values equal the two-row layout's up to float summation order.
     """
+    shared_prompt = shared_prompt and supports_shared_prompt(model)
     n = len(prompt_ids)
     lengths = np.array([len(p) + max(len(c), len(r)) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids,
                                                                          strict=True)])
@@ -88,6 +93,16 @@ def score_pairs(
     out |= {k: np.zeros(n, np.int32) for k in TOKENS}
     for start in range(0, n, micro_batch):
         idx = order[start:start + micro_batch]
+        if shared_prompt:
+            batch = collate_shared([prompt_ids[i] for i in idx], [chosen_ids[i] for i in idx],
+                                   [rejected_ids[i] for i in idx], max_splits=1)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sums = shared_sequence_logps(model, batch).double().cpu().numpy()
+            rows, b = idx[batch["order"].cpu().numpy()], len(idx)
+            out["chosen_logps"][rows], out["rejected_logps"][rows] = sums[:b], sums[b:]
+            out["chosen_tokens"][rows] = batch["chosen_len"].cpu().numpy()
+            out["rejected_tokens"][rows] = batch["rejected_len"].cpu().numpy()
+            continue
         batch = collate_pairs([prompt_ids[i] for i in idx], [chosen_ids[i] for i in idx],
                               [rejected_ids[i] for i in idx])
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -22,6 +22,7 @@ import torch
 
 from sdpo.logprobs import sequence_logps, split_pairs, to_groups
 from sdpo.losses import get_loss, listwise_loss, preference_loss, preference_metrics
+from sdpo.pair_layout import shared_sequence_logps
 
 Tensor = torch.Tensor
 
@@ -124,6 +125,13 @@ def precomputed_reference(batch: dict[str, Tensor], *, average: bool) -> tuple[T
     return chosen, rejected
 
 
+def pair_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, average: bool) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) log-probs of a batch in either layout: plain (`logprobs.collate_pairs`) or
+    shared-prompt (`pair_layout.collate_shared`, recognised by its `prompt_len` column)."""
+    layout = shared_sequence_logps if "prompt_len" in batch else sequence_logps
+    return split_pairs(layout(model, batch, average=average))
+
+
 def pair_losses(
     policy: torch.nn.Module, reference: torch.nn.Module | None, batch: dict[str, Tensor], loss: LossSettings
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -135,14 +143,14 @@ def pair_losses(
     if loss.listwise:
         return group_losses(policy, reference, batch, loss)
     avg = loss.average_logps
-    chosen, rejected = split_pairs(sequence_logps(policy, batch, average=avg))
+    chosen, rejected = pair_logps(policy, batch, average=avg)
     if not loss.needs_reference:  # reference-free (simpo): rewards/* are then beta * log pi
         ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
     elif reference is None:
         ref_chosen, ref_rejected = precomputed_reference(batch, average=avg)
     else:
         with torch.no_grad():
-            ref_chosen, ref_rejected = split_pairs(sequence_logps(reference, batch, average=avg))
+            ref_chosen, ref_rejected = pair_logps(reference, batch, average=avg)
     losses = preference_loss(
         loss.loss_type, chosen, rejected, ref_chosen, ref_rejected, beta=loss.beta, **loss.options
     )

@@ -28,6 +28,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import CheckpointConsistencyMode
 
 from sdpo.logprobs import collate_groups, collate_pairs, row_groups
+from sdpo.pair_layout import chunks, collate_shared, completion_tokens, supports_shared_prompt
 from sdpo.scoring import load_model
 from sdpo.training import (
     GROUP_REFERENCE_COLUMNS,
@@ -55,14 +56,24 @@ TRAIN_STATE = "train_state.pt"
 
 
 class PairCollate(NumpyBatchCollateFn):
-    """Ray Data numpy batch -> padded pair tensors (see `logprobs.collate_pairs`)."""
+    """Ray Data numpy batch -> pair tensors: the shared-prompt layout (`pair_layout.collate_shared`, rows
+    sorted by length and cut into chunks) or the plain one (`logprobs.collate_pairs`). Runs in Ray Data's
+    prefetch threads, so the step never waits on it."""
+
+    def __init__(self, shared: bool = False, max_splits: int = 1):
+        self.shared, self.max_splits = shared, max_splits
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        out = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"],
-                            weights=batch["weight"])
+        if self.shared:
+            out = collate_shared(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"],
+                                 weights=batch["weight"], max_splits=self.max_splits)
+        else:
+            out = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"],
+                                weights=batch["weight"])
         for name in REFERENCE_COLUMNS:  # reference.mode: precompute
             if name in batch:
-                out[name] = torch.tensor(np.asarray(batch[name]))  # a copy: Arrow buffers are read-only
+                values = torch.tensor(np.asarray(batch[name]))  # a copy: Arrow buffers are read-only
+                out[name] = values[out["order"]] if self.shared else values
         return out
 
 
@@ -124,6 +135,12 @@ def stage_loop(cfg: dict) -> None:
     # Proof the reference stays frozen and is exactly M_{t-1}; rank 0 alone writes the stage metrics.
     reference_digest = fingerprint(reference) if rank == 0 and reference is not None else None
     policy.train()
+    if cfg.get("gradient_checkpointing"):
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shared = bool(cfg.get("shared_prompt")) and not loss.listwise and supports_shared_prompt(policy)
+    if cfg.get("shared_prompt") and not shared and rank == 0 and not loss.listwise:
+        _progress(f"[stage {cfg['stage']}] shared_prompt needs sdpa or eager attention; this model uses "
+                  f"{policy.config._attn_implementation!r}: two rows per pair instead")
     model = ray.train.torch.prepare_model(policy) if world > 1 else policy
 
     optimizer = build_optimizer(model, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"],
@@ -137,7 +154,7 @@ def stage_loop(cfg: dict) -> None:
     log: list[dict] = []
     # window = [real pairs, weighted metric sums..., non-padding tokens] for the current optimiser step
     window = torch.zeros(2 + len(TRAIN_METRICS), device=device)
-    state = {"step": 0, "pairs": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
+    state = {"step": 0, "pairs": 0.0, "tokens": 0.0, "t0": time.perf_counter(), "data_wait_s": 0.0}
     start_epoch, skip = 0, 0
     if resume:
         log, start_epoch, skip = resume["log"], resume["position"]["epoch"], resume["position"]["micro"]
@@ -156,21 +173,27 @@ def stage_loop(cfg: dict) -> None:
         # no two epochs see the same order (every rank still gets the same number of batches).
         reshuffle = cfg["shuffle"] and epoch > 0
         batches = shard.iter_torch_batches(
-            batch_size=cfg["batch_size"], collate_fn=GroupCollate() if loss.listwise else PairCollate(),
+            batch_size=cfg["batch_size"],
+            collate_fn=GroupCollate() if loss.listwise else PairCollate(shared, cfg.get("length_splits", 1)),
             prefetch_batches=2,
             local_shuffle_buffer_size=8 * cfg["batch_size"] if reshuffle else None,
             local_shuffle_seed=cfg["seed"] * 100 + epoch if reshuffle else None,
         )
         micro = 0
-        for micro, batch in enumerate(batches, start=1):
+        for micro, batch in enumerate(_timed(batches, state), start=1):
             if epoch == start_epoch and micro <= skip:
                 continue  # consumed before the interruption: the stream is deterministic, so skip it
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(bf16, device):
-                losses, metrics = pair_losses(model, reference, batch, loss)
-            (losses * batch["weights"]).sum().backward()
-            window[:-1] += weighted_sums(metrics, batch["weights"], TRAIN_METRICS)
-            window[-1] += _real_tokens(batch)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            parts = list(chunks(batch)) if shared else [batch]
+            for i, part in enumerate(parts):
+                # DDP all-reduces gradients in the window's last backward only (the sum is the same).
+                last = micro % accum == 0 and i == len(parts) - 1
+                with _no_sync(model, world, skip=last):
+                    with autocast(bf16, device):
+                        losses, metrics = pair_losses(model, reference, part, loss)
+                    (losses * part["weights"]).sum().backward()
+                window[:-1] += weighted_sums(metrics, part["weights"], TRAIN_METRICS)
+                window[-1] += _real_tokens(part)
             if micro % accum == 0:
                 log.append(_optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch))
                 every = cfg.get("checkpoint_every")
@@ -178,7 +201,8 @@ def stage_loop(cfg: dict) -> None:
                     _checkpoint(policy, optimizer, scheduler, log, state, {"epoch": epoch, "micro": micro}, rank,
                                 world, cfg)
                 _inject_fault(cfg, state["step"], rank)
-        if micro % accum:  # a partial window at the end of the epoch
+        if micro % accum:  # a partial window at the end of the epoch: its backwards ran under no_sync
+            _average_gradients(model, world)
             log.append(_optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch))
 
     summary = _stage_summary(log, state["step"], time.perf_counter() - state["t0"])
@@ -186,6 +210,9 @@ def stage_loop(cfg: dict) -> None:
         summary["reference_fingerprint"] = reference_digest
         summary["reference_unchanged"] = rank != 0 or fingerprint(reference) == reference_digest
     summary["pairs_trained"] = state["pairs"]
+    # Seconds this worker's loop waited for Ray Data's next batch: ~0 when prefetch keeps up.
+    summary["data_wait_s"] = state["data_wait_s"]
+    summary["data_wait_fraction"] = state["data_wait_s"] / max(summary["train_seconds"], 1e-9)
     summary["resumed_from_step"] = resume["progress"]["step"] if resume else None
     _report(policy, cfg, log, summary, rank, progress=_progress_of(state), position={"epoch": cfg["epochs"], "micro": 0})
 
@@ -260,8 +287,42 @@ def _inject_fault(cfg: dict, step: int, rank: int) -> None:
     os._exit(1)
 
 
+def _timed(batches, state: dict):
+    """The batches, adding the time spent waiting for each to state["data_wait_s"]."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        state["data_wait_s"] += time.perf_counter() - t0
+        yield batch
+
+
+def _no_sync(model, world: int, *, skip: bool):
+    """DDP's no_sync() for a backward whose gradients are only accumulated (not the window's last)."""
+    import contextlib
+
+    if world > 1 and not skip and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _average_gradients(model, world: int) -> None:
+    """What DDP's all-reduce would have done: the mean of the workers' accumulated gradients."""
+    if world > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
+
+
 def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Non-padding tokens of the batch's real rows (padding rows weigh 0)."""
+    """Non-padding tokens of the batch's real rows (padding rows weigh 0), counted as two sequences per
+    pair (prompt+chosen, prompt+rejected) whatever the layout, so tokens/s compare across layouts."""
+    if "prompt_len" in batch:
+        return (completion_tokens(batch).float() * batch["weights"]).sum()
     per_seq = batch["attention_mask"].sum(-1).float()
     weights = batch["weights"]
     if "group_index" in batch:  # listwise: sequence i belongs to row group_index[i] // K

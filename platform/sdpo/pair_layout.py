@@ -1,0 +1,215 @@
+"""The shared-prompt pair layout: one row per pair, the prompt computed once. Torch only.
+
+The plain layout (`logprobs.collate_pairs`) runs prompt+chosen and prompt+rejected as two rows, so
+every prompt token goes through the model twice and every position of both rows gets a
+vocabulary-sized logit. Here a pair is one row
+
+    [prompt (P) | chosen (C) | rejected (R)]   positions 0..P-1 | P..P+C-1 | P..P+R-1
+
+with an attention mask in which chosen attends to the prompt and causally to itself, rejected to the
+prompt and causally to itself (never to chosen), so each token sees exactly the context it has in the
+plain layout, at the same position. The model is asked for logits only where a completion token is
+predicted (`logits_to_keep`, a [B, L] boolean mask): P-1..P+C-2 for chosen, P+C..P+C+R-2 for
+rejected's tokens after its first. Rejected's first token is predicted from the prompt's last
+position, the same logit row as chosen's first, so that row is read twice.
+
+The log-probs are those of the plain layout up to float summation order (tests check loss and gradients
+against it). It saves the prompt's compute (~20% of the tokens of UltraFeedback pairs) and the
+lm_head and logits of every prompt position (the lm_head is ~40% of a 25M Llama's forward FLOPs).
+
+Padding: the pairs are sorted by length and the micro-batch is cut into at most `max_splits` row
+chunks where that removes padding (`split_points`): each chunk is its own forward/backward, and since
+the step back-propagates the weighted *sum* of losses, the accumulated gradient is the same.
+
+Needs a model that takes a 4D mask: the `sdpa` and `eager` attention of transformers' models (flash
+attention ignores masks; `supports_shared_prompt` says so and the caller uses the plain layout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+# Keys of a shared-prompt batch that are per pair ([B, ...]); everything is sliced by rows.
+LENGTH_KEYS = ("prompt_len", "chosen_len", "rejected_len")
+
+
+def supports_shared_prompt(model: torch.nn.Module) -> bool:
+    """True when the model's attention honours a custom 4D mask (transformers' sdpa and eager)."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def collate_shared(
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    *,
+    weights: Sequence[float] | None = None,
+    pad_id: int = 0,
+    max_splits: int = 4,
+) -> dict[str, Tensor]:
+    """B pairs -> one right-padded row each, sorted longest first, with the chunking that trims padding.
+
+    `order` [B] maps each row back to its pair's index in the input; `splits` [k+1] are the chunk
+    boundaries (rows splits[i]..splits[i+1]-1).
+    """
+    rows = [list(p) + list(c) + list(r) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True)]
+    b = len(rows)
+    order = sorted(range(b), key=lambda i: -len(rows[i]))
+    length = len(rows[order[0]])
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b, length), dtype=torch.long)
+    lens = torch.zeros((3, b), dtype=torch.long)
+    for row, i in enumerate(order):
+        p, c, r = len(prompt_ids[i]), len(chosen_ids[i]), len(rejected_ids[i])
+        input_ids[row, :p + c + r] = torch.as_tensor(rows[i], dtype=torch.long)
+        position_ids[row, :p + c] = torch.arange(p + c)
+        position_ids[row, p + c:p + c + r] = torch.arange(p, p + r)
+        lens[:, row] = torch.tensor([p, c, r])
+    w = torch.ones(b) if weights is None else torch.tensor(list(weights), dtype=torch.float32)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "prompt_len": lens[0],
+        "chosen_len": lens[1],
+        "rejected_len": lens[2],
+        "weights": w[order],
+        "order": torch.tensor(order, dtype=torch.long),
+        "splits": torch.tensor(split_points([len(rows[i]) for i in order], max_splits), dtype=torch.long),
+    }
+
+
+def split_points(lengths_desc: Sequence[int], max_splits: int, min_gain: float = 0.1) -> list[int]:
+    """Chunk boundaries over rows sorted longest first, minimising padded positions.
+
+    Exact dynamic programme over at most `max_splits` chunks (each chunk costs rows x its longest row);
+    a further chunk is taken only if it removes at least `min_gain` of the real tokens in padding, since
+    every chunk is one more forward/backward call.
+    """
+    n = len(lengths_desc)
+    real = sum(lengths_desc)
+    inf = float("inf")
+    # best[k][j]: least padded area covering rows 0..j-1 with k chunks; cut[k][j]: the last chunk's start
+    best = [[inf] * (n + 1) for _ in range(max_splits + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_splits + 1)]
+    best[0][0] = 0
+    for k in range(1, max_splits + 1):
+        for j in range(1, n + 1):
+            for i in range(j):  # the last chunk is rows i..j-1; its longest row is lengths_desc[i]
+                cost = best[k - 1][i] + (j - i) * lengths_desc[i]
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    chosen_k = 1
+    for k in range(2, max_splits + 1):
+        if best[chosen_k][n] - best[k][n] >= min_gain * real:
+            chosen_k = k
+    bounds, j = [n], n
+    for k in range(chosen_k, 0, -1):
+        j = cut[k][j]
+        bounds.append(j)
+    return bounds[::-1]
+
+
+def chunks(batch: dict[str, Tensor]) -> Iterator[dict[str, Tensor]]:
+    """The batch's row chunks, each trimmed to its own longest row (`collate_shared` sorted them)."""
+    splits = batch["splits"].tolist()
+    total = batch["prompt_len"] + batch["chosen_len"] + batch["rejected_len"]
+    for start, end in zip(splits[:-1], splits[1:], strict=False):
+        width = int(total[start])
+        yield {k: (v[start:end, :width] if v.dim() == 2 else v[start:end])
+               for k, v in batch.items() if k != "splits"}
+
+
+def attention_mask(batch: dict[str, Tensor], *, additive_dtype: torch.dtype | None = None) -> Tensor:
+    """[B, 1, L, L] mask: causal, rejected never sees chosen, padding sees only itself.
+
+    Boolean (True = attend) for sdpa; with `additive_dtype`, 0 / dtype-min floats for eager attention.
+    """
+    b, length = batch["input_ids"].shape
+    device = batch["input_ids"].device
+    pos = torch.arange(length, device=device)
+    p, c, r = (batch[k][:, None] for k in LENGTH_KEYS)
+    # segment of each position: 0 prompt, 1 chosen, 2 rejected, 3 padding
+    seg = (pos >= p).long() + (pos >= p + c).long() + (pos >= p + c + r).long()  # [B, L]
+    q_seg, k_seg = seg[:, :, None], seg[:, None, :]
+    causal = pos[None, :, None] >= pos[None, None, :]
+    allowed = causal & (q_seg < 3) & (k_seg < 3) & ((k_seg == 0) | (k_seg == q_seg))
+    # a padding query attends to itself only: a fully masked row would give NaN, and NaN x 0 gradients
+    allowed = allowed | ((q_seg == 3) & torch.eye(length, dtype=torch.bool, device=device))
+    allowed = allowed[:, None]
+    if additive_dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=additive_dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(additive_dtype).min)
+
+
+def logit_targets(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(keep [B, L], kept row of each completion token [N], its label [N], its sequence [N]).
+
+    Sequences are numbered as in the plain layout: pair b's chosen is b, its rejected is B + b.
+    """
+    ids = batch["input_ids"]
+    b, length = ids.shape
+    device = ids.device
+    pos = torch.arange(length, device=device)[None, :]
+    p, c, r = (batch[k][:, None] for k in LENGTH_KEYS)
+    predicts_chosen = (pos >= p - 1) & (pos < p + c - 1)  # logit at t predicts token t+1
+    predicts_rejected_rest = (pos >= p + c) & (pos < p + c + r - 1)
+    keep = predicts_chosen | predicts_rejected_rest
+    kept_index = keep.flatten().cumsum(0).view(b, length) - 1  # position -> row of the kept logits
+    next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # the token each position predicts
+    rows_c, cols_c = predicts_chosen.nonzero(as_tuple=True)
+    rows_r, cols_r = predicts_rejected_rest.nonzero(as_tuple=True)
+    first_rej = torch.arange(b, device=device)
+    first_col = (p - 1).squeeze(1)
+    kept = torch.cat([kept_index[rows_c, cols_c], kept_index[first_rej, first_col], kept_index[rows_r, cols_r]])
+    labels = torch.cat([next_ids[rows_c, cols_c], ids[first_rej, (p + c).squeeze(1)], next_ids[rows_r, cols_r]])
+    seq = torch.cat([rows_c, first_rej + b, rows_r + b])
+    return keep, kept, labels, seq
+
+
+def shared_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, average: bool = False) -> Tensor:
+    """log pi(y|x) for the chunk's 2B sequences (chosen 0..B-1, rejected B..2B-1), as `sequence_logps`."""
+    eager = getattr(getattr(model, "module", model), "config", None)
+    additive = None
+    if getattr(eager, "_attn_implementation", None) == "eager":
+        additive = next(model.parameters()).dtype
+        if torch.is_autocast_enabled(batch["input_ids"].device.type):
+            additive = torch.get_autocast_dtype(batch["input_ids"].device.type)
+    keep, kept, labels, seq = logit_targets(batch)
+    extra = {"logits_to_keep": keep} if _takes_logits_to_keep(model) else {}
+    out = model(input_ids=batch["input_ids"], attention_mask=attention_mask(batch, additive_dtype=additive),
+                position_ids=batch["position_ids"], use_cache=False, **extra)
+    logits = out.logits
+    if logits.dim() == 3:  # a model without boolean logits_to_keep: select the rows here
+        logits = logits[keep]
+    lse = torch.logsumexp(logits.float(), dim=-1)  # [K]: one normaliser per kept row
+    token_logps = logits[kept, labels].float() - lse[kept]
+    b = batch["input_ids"].shape[0]
+    sums = torch.zeros(2 * b, dtype=token_logps.dtype, device=logits.device).index_add(0, seq, token_logps)
+    if not average:
+        return sums
+    counts = torch.cat([batch["chosen_len"], batch["rejected_len"]]).clamp(min=1)
+    return sums / counts
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    import inspect
+
+    import transformers.modeling_utils as mu
+
+    # Boolean [B, L] logits_to_keep arrived with `slice_logits_to_keep` (transformers 5); before it the
+    # argument was an int or a 1D index only, so the full logits are computed and selected here instead.
+    if not hasattr(mu, "slice_logits_to_keep"):
+        return False
+    inner = getattr(model, "module", model)  # DDP: the wrapper forwards keyword arguments unchanged
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def completion_tokens(batch: dict[str, Tensor]) -> Tensor:
+    """Non-padding tokens per pair as the plain layout counts them: prompt twice plus both completions."""
+    return 2 * batch["prompt_len"] + batch["chosen_len"] + batch["rejected_len"]

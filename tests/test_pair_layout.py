@@ -1,0 +1,193 @@
+"""The shared-prompt pair layout against the plain one: same log-probs, losses and gradients.
+
+The real stories260K model, in float64 so that "equal" means equal up to summation order.
+"""
+
+import copy
+import itertools
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sdpo.logprobs import collate_pairs, sequence_logps
+from sdpo.pair_layout import (
+    attention_mask,
+    chunks,
+    collate_shared,
+    shared_sequence_logps,
+    split_points,
+    supports_shared_prompt,
+)
+from sdpo.training import LossSettings, pair_losses
+from tests.conftest import STORIES
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float64)
+    # perturb so that the policy and the reference below differ
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return m
+
+
+def _pairs(n, seed=0, vocab=500):
+    rng = random.Random(seed)
+
+    def seq(lo, hi):
+        return [rng.randrange(3, vocab) for _ in range(rng.randrange(lo, hi))]
+
+    prompts = [seq(1, 30) for _ in range(n)]
+    # one-token completions (EOS only) and very unequal lengths are the edge cases
+    chosen = [seq(0, 40) + [2] for _ in range(n)]
+    rejected = [seq(0, 40) + [2] for _ in range(n)]
+    return prompts, chosen, rejected
+
+
+def _shared_logps(model, batch, average=False):
+    """Run every chunk and put the values back in the plain layout's order (chosen 0..B-1, rejected B..)."""
+    b = batch["order"].shape[0]
+    out = torch.zeros(2 * b, dtype=torch.float64)
+    for part in chunks(batch):
+        v = shared_sequence_logps(model, part, average=average).double()
+        n = part["order"].shape[0]
+        out[part["order"]], out[part["order"] + b] = v[:n], v[n:]
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("average", [False, True])
+def test_logps_equal_the_plain_layout(model, attn, average):
+    m = copy.deepcopy(model)
+    m.config._attn_implementation = attn
+    assert supports_shared_prompt(m)
+    p, c, r = _pairs(7)
+    plain = sequence_logps(m, collate_pairs(p, c, r), average=average).double()
+    shared = _shared_logps(m, collate_shared(p, c, r, max_splits=3), average=average)
+    torch.testing.assert_close(shared, plain, rtol=1e-6, atol=1e-4)  # the float32 sum of ~70 token log-probs
+
+
+def test_loss_and_gradients_equal_the_plain_layout(model):
+    """The step back-propagates sum_i w_i loss_i: over the chunks of the shared layout it must give the
+    plain layout's gradient, with the reference run online in the same layout."""
+    p, c, r = _pairs(6, seed=1)
+    weights = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]  # a padding row (weight 0) as workers get
+    reference = copy.deepcopy(model).eval()
+    reference.load_state_dict({k: v + 0.01 for k, v in reference.state_dict().items()})
+    loss = LossSettings("sigmoid", 0.1, {})
+
+    def grads_of(batches):
+        policy = copy.deepcopy(model)
+        total = 0.0
+        for batch in batches:
+            losses, _ = pair_losses(policy, reference, batch, loss)
+            weighted = (losses * batch["weights"]).sum()
+            weighted.backward()
+            total += float(weighted.detach())
+        return total, {n: q.grad.clone() for n, q in policy.named_parameters()}
+
+    plain_loss, plain_grads = grads_of([collate_pairs(p, c, r, weights=weights)])
+    shared = collate_shared(p, c, r, weights=weights, max_splits=3)
+    shared_loss, shared_grads = grads_of(list(chunks(shared)))
+    assert abs(shared_loss - plain_loss) < 1e-6
+    assert plain_loss != pytest.approx(4 * 0.6931, abs=1e-3)  # policy != reference: not the trivial ln 2
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)  # logits are summed in fp32
+
+
+def test_bf16_autocast_stays_at_bf16_level(model):
+    """Under bf16 autocast both layouts round differently; they agree to bf16 precision (documented)."""
+    m = copy.deepcopy(model).float()
+    p, c, r = _pairs(5, seed=2)
+    exact = sequence_logps(m, collate_pairs(p, c, r)).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = sequence_logps(m, collate_pairs(p, c, r)).double()
+        shared = _shared_logps(m, collate_shared(p, c, r))
+    scale = exact.abs().max()
+    assert (plain - exact).abs().max() / scale < 2e-2
+    assert (shared - exact).abs().max() / scale < 2e-2
+
+
+def test_rejected_never_sees_chosen_and_positions_restart():
+    p, c, r = [[5, 6, 7]], [[8, 9, 2]], [[10, 2]]
+    batch = collate_shared(p, c, r)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 2, 10, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 3, 4]]
+    mask = attention_mask(batch)[0, 0]
+    assert mask[6].tolist() == [True, True, True, False, False, False, True, False]  # rejected's first token
+    assert mask[5].tolist() == [True] * 6 + [False, False]  # chosen's last token: causal, prompt + chosen
+    assert not mask.triu(1).any()
+    eager = attention_mask(batch, additive_dtype=torch.float32)[0, 0]
+    assert eager[6, 3] == torch.finfo(torch.float32).min and eager[6, 2] == 0
+
+
+def test_padding_rows_attend_only_to_themselves():
+    batch = collate_shared([[5], [5, 6, 7]], [[2], [8, 2]], [[2], [9, 9, 2]])
+    mask = attention_mask(batch)[:, 0]
+    short = int((batch["order"] == 0).nonzero())  # the row of the 3-token pair, padded to 8
+    assert mask[short, 5].tolist() == [False] * 5 + [True, False, False]
+
+
+def test_splits_minimise_padding_and_cost_a_call_only_when_it_pays():
+    def area(lengths, bounds):
+        return sum((e - s) * lengths[s] for s, e in itertools.pairwise(bounds))
+
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = sorted((rng.randrange(1, 200) for _ in range(rng.randrange(1, 9))), reverse=True)
+        bounds = split_points(lengths, 3, min_gain=0.0)
+        assert bounds[0] == 0 and bounds[-1] == len(lengths) and bounds == sorted(set(bounds))
+        brute = min(area(lengths, [0, *cuts, len(lengths)])
+                    for k in range(3) for cuts in itertools.combinations(range(1, len(lengths)), k))
+        assert area(lengths, bounds) == brute
+    assert split_points([100, 99, 98, 97], 4) == [0, 4]  # nothing to gain: one call
+    assert split_points([400, 10, 10, 10], 4) == [0, 1, 4]
+
+
+def test_chunks_trim_each_to_its_longest_row():
+    p, c, r = _pairs(8, seed=3)
+    batch = collate_shared(p, c, r, max_splits=4)
+    widths = [part["input_ids"].shape[1] for part in chunks(batch)]
+    rows = sum(part["input_ids"].shape[0] for part in chunks(batch))
+    assert rows == 8 and widths == sorted(widths, reverse=True)
+    real = sum(len(a) + len(b) + len(d) for a, b, d in zip(p, c, r, strict=True))
+    padded = sum(part["input_ids"].numel() for part in chunks(batch))
+    assert padded < batch["input_ids"].numel() and padded >= real
+
+
+def test_a_model_without_logits_to_keep_gives_the_same_values(model):
+    class Plain(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache):  # no logits_to_keep
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=use_cache)
+
+    p, c, r = _pairs(4, seed=4)
+    batch = collate_shared(p, c, r)
+    torch.testing.assert_close(_shared_logps(Plain(model), batch), _shared_logps(model, batch))
+
+
+def test_flash_attention_is_not_offered_the_layout(model):
+    m = copy.copy(model)
+    m.config = copy.deepcopy(model.config)
+    m.config._attn_implementation = "flash_attention_2"
+    assert not supports_shared_prompt(m)
+
+
+def test_reference_pass_scores_equal_the_plain_layout(model):
+    from sdpo.scoring import score_pairs
+
+    p, c, r = _pairs(13, seed=5)
+    cpu = torch.device("cpu")
+    plain = score_pairs(model, p, c, r, device=cpu, micro_batch=4, shared_prompt=False)
+    shared = score_pairs(model, p, c, r, device=cpu, micro_batch=4, shared_prompt=True)
+    for key in plain:  # back in input order, every pair
+        assert (abs(plain[key] - shared[key]) < 1e-4).all(), key
+    assert shared["chosen_tokens"].tolist() == [len(x) for x in c]
