@@ -11,7 +11,7 @@ import pytest
 import sdpo
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY_FREE = ["sdpo.config", "sdpo.rows", "sdpo.partition", "sdpo.losses", "sdpo.logprobs", "sdpo.plan",
+RAY_FREE = ["sdpo.config", "sdpo.rows", "sdpo.partition", "sdpo.losses", "sdpo.logprobs", "sdpo.pair_layout", "sdpo.plan",
             "sdpo.training", "sdpo.assets", "sdpo.storage", "sdpo.manifest", "sdpo.scoring", "sdpo.caching",
             "sdpo.diagnostics", "sdpo.report", "sdpo.inputs", "sdpo.stage_store", "sdpo.tuning", "sdpo.tune_results"]
 
