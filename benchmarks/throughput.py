@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layouts", default="plain,shared")
     p.add_argument("--online", action="store_true", help="reference inside the step (TRL's default) for ours too")
     p.add_argument("--trl", action="store_true", help="also run trl.DPOTrainer (pip install -e '.[bench]')")
+    p.add_argument("--trl-checkpointing", type=lambda v: {"on": True, "off": False}[v], default=None,
+                   metavar="{on,off}", help="TRL's gradient checkpointing (default: TRL's own, on)")
     p.add_argument("--no-reference-pass", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     p.add_argument("--threads", type=_positive, default=None)
@@ -281,12 +283,14 @@ def run_trl(args, tok, pairs, reference, bf16, device, peak, fwd, rows) -> dict 
     records = [dict(prompt_ids=a, chosen_ids=b, rejected_ids=d) for a, b, d in zip(p, c, r, strict=True)]
     policy = build_model(args, tok, torch.float32, device)
     with PeakMemory(device) as mem:
+        # TRL's own warm-up step takes the first batch; the timed steps are the rest
         out = run_trl_dpo(policy, copy.deepcopy(reference), records, batch_size=args.batch,
-                          steps=-(-len(records) // args.batch), beta=LOSS.beta, lr=LR,
+                          steps=max(1, len(records) // args.batch - 1), beta=LOSS.beta, lr=LR,
                           precision="bf16" if bf16 else "fp32", pad_id=tok.pad_token_id or 0,
-                          device=device.type)
-    rows.append(dict(what="TRL DPOTrainer (online ref)", precision="bf16 autocast" if bf16 else "fp32",
-                     seconds=len(records) / out["pairs_per_s"], flops=fwd * 4, peak=peak, mb=mem.mb, pad=None,
+                          device=device.type, gradient_checkpointing=args.trl_checkpointing)
+    stock = "stock" if args.trl_checkpointing is None else f"checkpointing {args.trl_checkpointing}"
+    rows.append(dict(what=f"TRL DPOTrainer ({stock})", precision="bf16 autocast" if bf16 else "fp32",
+                     seconds=len(records) / out["pairs_s"], flops=fwd * 4, peak=peak, mb=mem.mb, pad=None,
                      first=out["first_batch_loss"]))
     return out
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-SCORER_VERSION = "1"  # bump when the scorer's numerics change: every old entry then misses
+SCORER_VERSION = "2"  # 2: shared-prompt layout, float64 sums. Bump when the scorer's numerics change: every old entry then misses
 MARKER = "_COMPLETE.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _MODEL_FILES = ("config.json", "generation_config.json")

@@ -190,7 +190,9 @@ def shared_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, a
     lse = torch.logsumexp(logits.float(), dim=-1)  # [K]: one normaliser per kept row
     token_logps = logits[kept, labels].float() - lse[kept]
     b = batch["input_ids"].shape[0]
-    sums = torch.zeros(2 * b, dtype=token_logps.dtype, device=logits.device).index_add(0, seq, token_logps)
+    # float64 accumulation, as logprobs.token_logps_sum
+    sums = torch.zeros(2 * b, dtype=torch.float64, device=logits.device).index_add(0, seq, token_logps.double())
+    sums = sums.to(token_logps.dtype)
     if not average:
         return sums
     counts = torch.cat([batch["chosen_len"], batch["rejected_len"]]).clamp(min=1)
