@@ -108,7 +108,7 @@ def pair_flops(model, p: int, c: int, r: int) -> float:
 
 def matmul_peak(device, dtype, seconds: float = 2.0) -> float:
     """FLOP/s of the best of repeated square matmuls in `dtype` (the machine's practical peak)."""
-    n = 4096 if device.type == "cuda" else 1024
+    n = 4096 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best, t_end = 0.0, time.perf_counter() + seconds

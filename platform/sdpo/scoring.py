@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from sdpo.logprobs import collate_pairs, collate_sequences, row_groups, token_logps_sum
-from sdpo.pair_layout import collate_shared, shared_sequence_logps, supports_shared_prompt
+from sdpo.pair_layout import chunks, collate_shared, shared_sequence_logps, supports_shared_prompt
 
 TOKENS = ("chosen_tokens", "rejected_tokens")
 
@@ -95,13 +95,13 @@ def score_pairs(
         idx = order[start:start + micro_batch]
         if shared_prompt:
             batch = collate_shared([prompt_ids[i] for i in idx], [chosen_ids[i] for i in idx],
-                                   [rejected_ids[i] for i in idx], max_splits=1)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            sums = shared_sequence_logps(model, batch).double().cpu().numpy()
-            rows, b = idx[batch["order"].cpu().numpy()], len(idx)
-            out["chosen_logps"][rows], out["rejected_logps"][rows] = sums[:b], sums[b:]
-            out["chosen_tokens"][rows] = batch["chosen_len"].cpu().numpy()
-            out["rejected_tokens"][rows] = batch["rejected_len"].cpu().numpy()
+                                   [rejected_ids[i] for i in idx], max_splits=4)
+            for part in chunks({k: v.to(device) for k, v in batch.items()}):
+                sums = shared_sequence_logps(model, part).double().cpu().numpy()
+                rows, b = idx[part["order"].cpu().numpy()], len(part["order"])
+                out["chosen_logps"][rows], out["rejected_logps"][rows] = sums[:b], sums[b:]
+                out["chosen_tokens"][rows] = part["chosen_len"].cpu().numpy()
+                out["rejected_tokens"][rows] = part["rejected_len"].cpu().numpy()
             continue
         batch = collate_pairs([prompt_ids[i] for i in idx], [chosen_ids[i] for i in idx],
                               [rejected_ids[i] for i in idx])
