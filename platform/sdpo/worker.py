@@ -206,6 +206,7 @@ def stage_loop(cfg: dict) -> None:
             log.append(_optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch))
 
     summary = _stage_summary(log, state["step"], time.perf_counter() - state["t0"])
+    summary |= _peak_memory(device, world)
     if reference is not None:
         summary["reference_fingerprint"] = reference_digest
         summary["reference_unchanged"] = rank != 0 or fingerprint(reference) == reference_digest
@@ -378,6 +379,22 @@ def _stage_summary(log, steps, seconds) -> dict:
         out.update({f"final/{k}": log[-1][k] for k in TRAIN_METRICS})
         out["pairs_per_s"] = log[-1]["pairs_per_s"]
         out["tokens_per_s"] = log[-1]["tokens_per_s"]
+    return out
+
+
+def _peak_memory(device: torch.device, world: int) -> dict:
+    """Every rank's peak resident memory (MiB; `ru_maxrss` is KiB on Linux, bytes on macOS) and, on
+    CUDA, its peak allocated tensor memory, gathered to every rank (a collective: all ranks call it).
+    `peak_rss_mib` is the largest over the ranks: the scale checks read it (benchmarks/scale_memory.py)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    ranks = _gather((rss, cuda), world)
+    out = {"peak_rss_mib": max(r for r, _ in ranks), "peak_rss_mib_by_rank": [r for r, _ in ranks]}
+    if cuda is not None:
+        out["cuda_max_allocated_mib"] = max(c for _, c in ranks)
+        out["cuda_max_allocated_mib_by_rank"] = [c for _, c in ranks]
     return out
 
 
