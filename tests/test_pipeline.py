@@ -370,9 +370,14 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
     scaled by the world size moves grad_norm by 2×; n is odd, so the 2-worker run pads one
     zero-weight row, and a padding row counted as a pair would move its step's grad_norm by
     1/(2b) = 12.5%. (Adam is invariant to a constant gradient scale, so grad_norm — the pre-clip norm
-    after the rescale — is what pins the rescale down; the loss catches it only through clipping.)"""
-    b, steps = 4, 7
-    n = 2 * b * steps - 1  # odd: one step has 2b - 1 real pairs, and 2 workers pad one row
+    after the rescale — is what pins the rescale down; the loss catches it only through clipping.)
+
+    Both runs accumulate 2 micro-batches per step, and n leaves a partial window at the end: the 2-worker
+    run's backwards then run under DDP's no_sync except each window's last, and the partial window's
+    gradients are averaged by hand (worker._average_gradients) — a missed all-reduce there would let the
+    workers' models diverge and move the last step."""
+    b, steps, accum = 4, 7, 2
+    n = 2 * b * (steps - 1) + 3  # 6 full steps of 2b pairs and a partial window; odd, so 2 workers pad one row
     src = tmp_path / "same.jsonl"
     src.write_text((json.dumps(GOOD | {"chosen": "Once upon a time there were three cats and a big dog."}) + "\n") * n)
     logs = {}
@@ -381,7 +386,8 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
         spec = {"sources": [{"name": "p", "path": str(src)}], "max_length": 64, "max_prompt_length": 24,
                 "eval": {"fraction": 0.0}}
         summary = run(job(tmp_path, data=spec, output_dir=str(out), scaling={"num_workers": world},
-                          training={"learning_rate": 1e-4, "batch_size": b * (3 - world), "logging_steps": 100},
+                          training={"learning_rate": 1e-4, "batch_size": b * (3 - world) // accum,
+                                    "gradient_accumulation_steps": accum, "logging_steps": 100},
                           reference={"mode": "online", "gamma": False}, checkpointing={"every_steps": None}),
                       log=lambda s: None)
         stage = summary["stages"][0]
@@ -389,11 +395,12 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
         assert stage["metrics"]["peak_rss_mib"] > 0 and len(stage["metrics"]["peak_rss_mib_by_rank"]) == world
         logs[world] = [json.loads(x) for x in (out / "stages" / "1" / "trainer_log.jsonl").read_text().splitlines()]
     two, one = logs[2], logs[1]
-    # Every pair once in each run; one step is a pair short (with 2 workers the step that met the padding
-    # row, which need not be the last: the split does not keep the stream's order). All rows being one
-    # pair, that step's mean gradient is still the same.
+    # Every pair once in each run, in 7 steps (with 2 workers the padding row lands in whichever step met
+    # it: the split does not keep the stream's order). All rows being one pair, each step's mean gradient
+    # is the same whatever its count.
     for log in (two, one):
-        assert sorted(e["pairs"] for e in log) == [2 * b - 1] + [2 * b] * (steps - 1)
+        assert len(log) == steps and sum(e["pairs"] for e in log) == n
+    assert one[-1]["pairs"] == 3
     keys = ("loss", "grad_norm", "rewards/margins", "logps/chosen")
     for key in keys:
         print(f"{key:>16}  2 workers: {[round(e[key], 6) for e in two]}")
