@@ -82,8 +82,10 @@ def test_precompute_equals_online_loss_and_gradients(pairs, models):
     assert float(online.detach().mean()) != pytest.approx(math.log(2), abs=1e-3), "policy == reference: the test proves nothing"
     for key in ("rewards/margins", "rewards/accuracies", "logps/chosen"):
         assert torch.allclose(m_online[key], m_pre[key], atol=1e-5), key
+    # The pass scores in the shared-prompt layout (fp32 model): its log-probs equal the online ones up to
+    # float32 rounding (~1e-5 on a summed log-prob), which moves the smallest gradient entries by ~1e-7.
     for n, p in policy.named_parameters():
-        assert torch.allclose(g_online[n], p.grad, rtol=1e-4, atol=1e-7), n
+        assert torch.allclose(g_online[n], p.grad, rtol=1e-4, atol=1e-6), n
 
 
 def test_precomputed_mean_aggregation_matches_the_model(pairs, models):
