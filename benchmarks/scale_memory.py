@@ -48,17 +48,12 @@ except ModuleNotFoundError:
 
 from sdpo.assets import GREETINGS, NAMES, NUMBERS, POLITE, RUDE  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_pass import _positive, _shared  # noqa: E402  (the benchmarks' shared helpers)
+
 
 def _stories() -> Path:
-    candidates = [REPO.parent / "shared" / "models" / "stories260K", REPO / "shared" / "models" / "stories260K"]
-    return next((p for p in candidates if p.is_dir()), candidates[0])
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+    return _shared("models/stories260K")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

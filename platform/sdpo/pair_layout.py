@@ -174,9 +174,9 @@ def logit_targets(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Ten
 
 def shared_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, average: bool = False) -> Tensor:
     """log pi(y|x) for the chunk's 2B sequences (chosen 0..B-1, rejected B..2B-1), as `sequence_logps`."""
-    eager = getattr(getattr(model, "module", model), "config", None)
-    additive = None
-    if getattr(eager, "_attn_implementation", None) == "eager":
+    config = getattr(getattr(model, "module", model), "config", None)
+    additive = None  # eager attention adds the mask to its scores: it needs 0 / dtype-min floats
+    if getattr(config, "_attn_implementation", None) == "eager":
         additive = next(model.parameters()).dtype
         if torch.is_autocast_enabled(batch["input_ids"].device.type):
             additive = torch.get_autocast_dtype(batch["input_ids"].device.type)
