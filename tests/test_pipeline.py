@@ -355,7 +355,7 @@ def test_hub_dataset_layouts_through_ingest(ray_session, tmp_path, shared):
 # --------------------------------------------------------------------------------------------------
 # Data parallelism: 2 workers × batch b train exactly like 1 worker × batch 2b
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_path, shared):
     """One stage with `num_workers: 2, batch_size: b` and with `num_workers: 1, batch_size: 2b` (same
     data, lr, seed): the same loss, margin and gradient-norm trajectory up to float rounding.
@@ -375,26 +375,41 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
     Both runs accumulate 2 micro-batches per step, and n leaves a partial window at the end: the 2-worker
     run's backwards then run under DDP's no_sync except each window's last, and the partial window's
     gradients are averaged by hand (worker._average_gradients) — a missed all-reduce there would let the
-    workers' models diverge and move the last step."""
+    workers' models diverge and move the last step.
+
+    A third run shards the 2 workers' training state (`parallelism: fsdp`, FSDP2): the same trajectory,
+    a mid-stage checkpoint and the final model gathered from the shards (both Hugging Face models), and
+    final weights equal to the DDP run's up to float rounding."""
     b, steps, accum = 4, 7, 2
     n = 2 * b * (steps - 1) + 3  # 6 full steps of 2b pairs and a partial window; odd, so 2 workers pad one row
     src = tmp_path / "same.jsonl"
     src.write_text((json.dumps(GOOD | {"chosen": "Once upon a time there were three cats and a big dog."}) + "\n") * n)
     logs = {}
-    for world in (2, 1):
-        out = tmp_path / f"w{world}"
+    for name, world, parallelism in (("ddp", 2, "ddp"), ("fsdp", 2, "fsdp"), ("one", 1, "ddp")):
+        out = tmp_path / name
         spec = {"sources": [{"name": "p", "path": str(src)}], "max_length": 64, "max_prompt_length": 24,
                 "eval": {"fraction": 0.0}}
         summary = run(job(tmp_path, data=spec, output_dir=str(out), scaling={"num_workers": world},
                           training={"learning_rate": 1e-4, "batch_size": b * (3 - world) // accum,
-                                    "gradient_accumulation_steps": accum, "logging_steps": 100},
-                          reference={"mode": "online", "gamma": False}, checkpointing={"every_steps": None}),
+                                    "gradient_accumulation_steps": accum, "logging_steps": 100,
+                                    "parallelism": parallelism},
+                          reference={"mode": "online", "gamma": False},
+                          checkpointing={"every_steps": 3 if parallelism == "fsdp" else None}),
                       log=lambda s: None)
         stage = summary["stages"][0]
         assert stage["num_pairs"] == n
         assert stage["metrics"]["peak_rss_mib"] > 0 and len(stage["metrics"]["peak_rss_mib_by_rank"]) == world
-        logs[world] = [json.loads(x) for x in (out / "stages" / "1" / "trainer_log.jsonl").read_text().splitlines()]
-    two, one = logs[2], logs[1]
+        logs[name] = [json.loads(x) for x in (out / "stages" / "1" / "trainer_log.jsonl").read_text().splitlines()]
+    # FSDP: the mid-stage checkpoints held the gathered model and optimiser state; the stage's model is whole
+    fsdp_checkpoints = sorted((tmp_path / "fsdp").rglob("train_state.pt"))
+    assert any("optimizer" in torch.load(f, weights_only=False) for f in fsdp_checkpoints), fsdp_checkpoints
+    final = {k: weights(tmp_path / k / "stages" / "1" / "model") for k in ("ddp", "fsdp")}
+    assert final["fsdp"].keys() == final["ddp"].keys()
+    assert max((final["fsdp"][k] - final["ddp"][k]).abs().max().item() for k in final["ddp"]) < 1e-5
+    fsdp = logs.pop("fsdp")
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        assert [e[key] for e in fsdp] == pytest.approx([e[key] for e in logs["ddp"]], rel=1e-5, abs=1e-7), key
+    two, one = logs["ddp"], logs["one"]
     # Every pair once in each run, in 7 steps (with 2 workers the padding row lands in whichever step met
     # it: the split does not keep the stream's order). All rows being one pair, each step's mean gradient
     # is the same whatever its count.

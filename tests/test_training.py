@@ -134,7 +134,7 @@ def test_train_state_restores_optimizer_and_schedule():
     model, opt, sched = setup()
     for _ in range(3):
         step(model, opt, sched)
-    saved = train_state(opt, sched, rng=[{}], progress={"step": 3}, position={"epoch": 0, "micro": 3})
+    saved = train_state(opt.state_dict(), sched, rng=[{}], progress={"step": 3}, position={"epoch": 0, "micro": 3})
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     step(model, opt, sched)
     expected = {k: v.clone() for k, v in model.state_dict().items()}

@@ -268,6 +268,12 @@ class TrainingConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~1/3 more compute.",
     )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every worker holds the whole model and optimiser state. fsdp: weights, "
+        "gradients and AdamW state sharded over the workers, layer by layer (FSDP2; ~16/W bytes a parameter "
+        "instead of ~16): for models whose training state does not fit one GPU. Same numerics as ddp in fp32; "
+        "with bf16 the gathered weights are bf16 and gradients are reduced in fp32.",
+    )
 
 
 class StageOverride(_Strict):

@@ -30,6 +30,7 @@ from ray.train import CheckpointConsistencyMode
 from sdpo.logprobs import collate_groups, collate_pairs, row_groups
 from sdpo.pair_layout import chunks, collate_shared, completion_tokens, supports_shared_prompt
 from sdpo.scoring import load_model
+from sdpo.sharding import as_float, full_optimizer_state, full_state_dict, load_optimizer_state, shard_model
 from sdpo.training import (
     GROUP_REFERENCE_COLUMNS,
     REFERENCE_COLUMNS,
@@ -141,7 +142,13 @@ def stage_loop(cfg: dict) -> None:
     if cfg.get("shared_prompt") and not shared and rank == 0 and not loss.listwise:
         _progress(f"[stage {cfg['stage']}] shared_prompt needs sdpa or eager attention; this model uses "
                   f"{policy.config._attn_implementation!r}: two rows per pair instead")
-    model = ray.train.torch.prepare_model(policy) if world > 1 else policy
+    fsdp = cfg.get("parallelism") == "fsdp" and world > 1
+    if cfg.get("parallelism") == "fsdp" and world == 1:
+        _progress(f"[stage {cfg['stage']}] parallelism fsdp with one worker: nothing to shard, training unsharded")
+    if fsdp:  # sharded in place: `policy` is the FSDP module (checkpoints gather it, sharding.full_state_dict)
+        model = shard_model(policy, device, world, bf16=bf16)
+    else:
+        model = ray.train.torch.prepare_model(policy) if world > 1 else policy
 
     optimizer = build_optimizer(model, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"],
                                 betas=cfg["adam_betas"], eps=cfg["adam_epsilon"])
@@ -162,7 +169,7 @@ def stage_loop(cfg: dict) -> None:
         state.update(step=progress["step"], pairs=progress["pairs"], tokens=progress["tokens"],
                      t0=time.perf_counter() - progress["elapsed_s"])
         if "optimizer" in resume:
-            optimizer.load_state_dict(resume["optimizer"])
+            load_optimizer_state(model, optimizer, resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
             restore_rng(resume["rng"][rank])
         if rank == 0:
@@ -186,7 +193,8 @@ def stage_loop(cfg: dict) -> None:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             parts = list(chunks(batch)) if shared else [batch]
             for i, part in enumerate(parts):
-                # DDP all-reduces gradients in the window's last backward only (the sum is the same).
+                # DDP all-reduces gradients in the window's last backward only (the sum is the same);
+                # FSDP has no no_sync here and reduce-scatters after every backward.
                 last = micro % accum == 0 and i == len(parts) - 1
                 with _no_sync(model, world, skip=last):
                     with autocast(bf16, device):
@@ -202,7 +210,8 @@ def stage_loop(cfg: dict) -> None:
                                 world, cfg)
                 _inject_fault(cfg, state["step"], rank)
         if micro % accum:  # a partial window at the end of the epoch: its backwards ran under no_sync
-            _average_gradients(model, world)
+            if not fsdp:  # FSDP reduce-scatters every backward (no no_sync): already averaged
+                _average_gradients(model, world)
             log.append(_optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch))
 
     summary = _stage_summary(log, state["step"], time.perf_counter() - state["t0"])
@@ -252,13 +261,14 @@ def _gather(obj: Any, world: int) -> list:
 def _checkpoint(policy, optimizer, scheduler, log, state, position, rank, world, cfg) -> None:
     """A mid-stage checkpoint (a barrier: every rank reports, rank 0 with the files)."""
     rngs = _gather(capture_rng(), world)
+    weights, optimizer_state = full_state_dict(policy), full_optimizer_state(policy, optimizer)  # collectives
     metrics = {"checkpoint_step": state["step"]}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        policy.save_pretrained(tmp)
-        torch.save(train_state(optimizer, scheduler, rng=rngs, progress=_progress_of(state), position=position),
+        policy.save_pretrained(tmp, state_dict=weights)
+        torch.save(train_state(optimizer_state, scheduler, rng=rngs, progress=_progress_of(state), position=position),
                    Path(tmp, TRAIN_STATE))
         Path(tmp, STEP_LOG).write_text("".join(json.dumps(e) + "\n" for e in log))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -340,7 +350,7 @@ def _optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoc
     pairs = float(sums[0])
     # DDP averaged the per-worker weighted sums; rescale to the mean over the window's real pairs.
     scale_gradients(model, world / max(pairs, 1.0))
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"] or float("inf")))
+    grad_norm = as_float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"] or float("inf")))
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -401,13 +411,14 @@ def _peak_memory(device: torch.device, world: int) -> dict:
 def _report(policy, cfg, log, summary, rank, *, progress: dict, position: dict) -> None:
     """The stage's final checkpoint: the model and tokenizer in Hugging Face format, the step log and
     metrics, and a small trainer state marking the stage complete (no optimiser: nothing to resume)."""
+    weights = full_state_dict(policy)  # sharded: gathered to rank 0 (a collective); else None, saved as is
     if rank != 0:
         ray.train.report(summary, checkpoint=None)
         return
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        policy.save_pretrained(tmp)
+        policy.save_pretrained(tmp, state_dict=weights)
         AutoTokenizer.from_pretrained(cfg["tokenizer"], revision=cfg.get("revision"),
                                       trust_remote_code=cfg["trust_remote_code"]).save_pretrained(tmp)
         Path(tmp, STEP_LOG).write_text("".join(json.dumps(e) + "\n" for e in log))
