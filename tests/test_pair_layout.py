@@ -191,3 +191,19 @@ def test_reference_pass_scores_equal_the_plain_layout(model):
     for key in plain:  # back in input order, every pair
         assert (abs(plain[key] - shared[key]) < 1e-4).all(), key
     assert shared["chosen_tokens"].tolist() == [len(x) for x in c]
+
+
+def test_exact_splits_give_every_rank_the_same_number_of_calls():
+    """FSDP: each chunk's forward/backward is a collective, so the count must not depend on the lengths."""
+    def area(lengths, bounds):
+        return sum((e - s) * lengths[s] for s, e in itertools.pairwise(bounds))
+
+    rng = random.Random(1)
+    for _ in range(50):
+        lengths = sorted((rng.randrange(1, 200) for _ in range(rng.randrange(1, 9))), reverse=True)
+        bounds = split_points(lengths, 3, exact=True)
+        assert len(bounds) - 1 == min(3, len(lengths)) and bounds == sorted(set(bounds))
+        brute = min(area(lengths, [0, *cuts, len(lengths)])
+                    for cuts in itertools.combinations(range(1, len(lengths)), len(bounds) - 2))
+        assert area(lengths, bounds) == brute  # still the least padding for that many chunks
+    assert split_points([100, 99, 98, 97], 4, exact=True) == [0, 1, 2, 3, 4]

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sdpo.pair_layout import collate_shared
+from sdpo.pair_layout import chunks, collate_shared
 from sdpo.sharding import (
     as_float,
     full_optimizer_state,
@@ -52,10 +52,15 @@ def train(policy, reference, optimizer, steps, rank, world):
     log = []
     for step in steps:
         mine = [p for i, p in enumerate(pairs(step)) if i % world == rank]
-        batch = collate_shared(*zip(*mine, strict=True))
-        losses, _ = pair_losses(policy, reference, batch, DPO)
-        (losses * batch["weights"]).sum().backward()
-        sums = torch.stack([losses.detach().sum(), torch.tensor(float(len(mine)))])
+        # as the worker under FSDP: the same number of length chunks on every rank, each its own
+        # forward/backward (collectives); one process cuts its whole batch alike
+        batch = collate_shared(*zip(*mine, strict=True), max_splits=2, exact_splits=True)
+        total = torch.zeros(())
+        for part in chunks(batch):
+            losses, _ = pair_losses(policy, reference, part, DPO)
+            (losses * part["weights"]).sum().backward()
+            total += losses.detach().sum()
+        sums = torch.stack([total, torch.tensor(float(len(mine)))])
         if world > 1:
             dist.all_reduce(sums)
         scale_gradients(policy, world / float(sums[1]))  # gradients arrive averaged over the ranks

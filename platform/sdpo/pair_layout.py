@@ -51,11 +51,14 @@ def collate_shared(
     weights: Sequence[float] | None = None,
     pad_id: int = 0,
     max_splits: int = 4,
+    exact_splits: bool = False,
 ) -> dict[str, Tensor]:
     """B pairs -> one right-padded row each, sorted longest first, with the chunking that trims padding.
 
     `order` [B] maps each row back to its pair's index in the input; `splits` [k+1] are the chunk
-    boundaries (rows splits[i]..splits[i+1]-1).
+    boundaries (rows splits[i]..splits[i+1]-1). `exact_splits`: always min(max_splits, B) chunks, so
+    every rank of a sharded (FSDP) step makes the same number of forward/backward calls — each is a
+    collective there.
     """
     rows = [list(p) + list(c) + list(r) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True)]
     b = len(rows)
@@ -79,16 +82,18 @@ def collate_shared(
         "rejected_len": lens[2],
         "weights": w[order],
         "order": torch.tensor(order, dtype=torch.long),
-        "splits": torch.tensor(split_points([len(rows[i]) for i in order], max_splits), dtype=torch.long),
+        "splits": torch.tensor(split_points([len(rows[i]) for i in order], max_splits, exact=exact_splits),
+                               dtype=torch.long),
     }
 
 
-def split_points(lengths_desc: Sequence[int], max_splits: int, min_gain: float = 0.1) -> list[int]:
+def split_points(lengths_desc: Sequence[int], max_splits: int, min_gain: float = 0.1, *,
+                 exact: bool = False) -> list[int]:
     """Chunk boundaries over rows sorted longest first, minimising padded positions.
 
     Exact dynamic programme over at most `max_splits` chunks (each chunk costs rows x its longest row);
     a further chunk is taken only if it removes at least `min_gain` of the real tokens in padding, since
-    every chunk is one more forward/backward call.
+    every chunk is one more forward/backward call. `exact`: exactly min(max_splits, rows) chunks.
     """
     n = len(lengths_desc)
     real = sum(lengths_desc)
@@ -107,6 +112,8 @@ def split_points(lengths_desc: Sequence[int], max_splits: int, min_gain: float =
     for k in range(2, max_splits + 1):
         if best[chosen_k][n] - best[k][n] >= min_gain * real:
             chosen_k = k
+    if exact:
+        chosen_k = min(max_splits, n)
     bounds, j = [n], n
     for k in range(chosen_k, 0, -1):
         j = cut[k][j]

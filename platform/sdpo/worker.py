@@ -61,13 +61,14 @@ class PairCollate(NumpyBatchCollateFn):
     sorted by length and cut into chunks) or the plain one (`logprobs.collate_pairs`). Runs in Ray Data's
     prefetch threads, so the step never waits on it."""
 
-    def __init__(self, shared: bool = False, max_splits: int = 1):
-        self.shared, self.max_splits = shared, max_splits
+    def __init__(self, shared: bool = False, max_splits: int = 1, exact_splits: bool = False):
+        self.shared, self.max_splits, self.exact_splits = shared, max_splits, exact_splits
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         if self.shared:
             out = collate_shared(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"],
-                                 weights=batch["weight"], max_splits=self.max_splits)
+                                 weights=batch["weight"], max_splits=self.max_splits,
+                                 exact_splits=self.exact_splits)
         else:
             out = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"],
                                 weights=batch["weight"])
@@ -181,7 +182,9 @@ def stage_loop(cfg: dict) -> None:
         reshuffle = cfg["shuffle"] and epoch > 0
         batches = shard.iter_torch_batches(
             batch_size=cfg["batch_size"],
-            collate_fn=GroupCollate() if loss.listwise else PairCollate(shared, cfg.get("length_splits", 1)),
+            # FSDP: every chunk's forward and backward are collectives, so all ranks cut alike (equal
+            # split: every rank's micro-batch has the same rows). DDP syncs once a window whatever the count.
+            collate_fn=GroupCollate() if loss.listwise else PairCollate(shared, cfg.get("length_splits", 1), fsdp),
             prefetch_batches=2,
             local_shuffle_buffer_size=8 * cfg["batch_size"] if reshuffle else None,
             local_shuffle_seed=cfg["seed"] * 100 + epoch if reshuffle else None,
