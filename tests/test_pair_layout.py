@@ -132,10 +132,12 @@ def test_padding_rows_attend_only_to_themselves():
     assert mask[short, 5].tolist() == [False] * 5 + [True, False, False]
 
 
-def test_splits_minimise_padding_and_cost_a_call_only_when_it_pays():
-    def area(lengths, bounds):
-        return sum((e - s) * lengths[s] for s, e in itertools.pairwise(bounds))
+def area(lengths, bounds):
+    """Padded area of rows sorted longest first, cut at `bounds`."""
+    return sum((e - s) * lengths[s] for s, e in itertools.pairwise(bounds))
 
+
+def test_splits_minimise_padding_and_cost_a_call_only_when_it_pays():
     rng = random.Random(0)
     for _ in range(50):
         lengths = sorted((rng.randrange(1, 200) for _ in range(rng.randrange(1, 9))), reverse=True)
@@ -195,9 +197,6 @@ def test_reference_pass_scores_equal_the_plain_layout(model):
 
 def test_exact_splits_give_every_rank_the_same_number_of_calls():
     """FSDP: each chunk's forward/backward is a collective, so the count must not depend on the lengths."""
-    def area(lengths, bounds):
-        return sum((e - s) * lengths[s] for s, e in itertools.pairwise(bounds))
-
     rng = random.Random(1)
     for _ in range(50):
         lengths = sorted((rng.randrange(1, 200) for _ in range(rng.randrange(1, 9))), reverse=True)
