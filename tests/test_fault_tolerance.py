@@ -184,7 +184,7 @@ def test_worker_killed_mid_stage_resumes_from_its_checkpoint(setup):
 def test_driver_killed_inside_a_stage_then_resumed(setup):
     """Killed right after stage 2's step-3 checkpoint is committed (stage 1 complete, stage 2 half done):
     the manifest holds stage 1 only and there is no summary; `--resume DIR` (the job comes from the
-    run's own manifest) skips stage 1, continues stage 2 from step 3 (Ray Train's storage under the same
+    run's own manifest) skips stage 1, continues stage 2 from step 3 or 6 (Ray Train's storage under the same
     run name) and ends identical to the uninterrupted run. Then the same directory with a changed job:
     refused naming the change, and retrained from that stage with --force, keeping stage 1."""
     tmp, job, reference = setup
@@ -196,8 +196,11 @@ def test_driver_killed_inside_a_stage_then_resumed(setup):
     r = _run(["run", "--resume", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage 1/2: complete" in r.stdout and "skipped" in r.stdout
-    assert "resuming from its checkpoint at step 3/8" in r.stdout + r.stderr
-    assert _metrics(out, 2)["resumed_from_step"] == 3
+    # The kill follows the step-3 commit line as the driver relays it; on a loaded machine the workers
+    # may commit step 6 before the relayed line arrives (seen in CI): either is a committed checkpoint.
+    resumed = _metrics(out, 2)["resumed_from_step"]
+    assert resumed in (3, 6)
+    assert f"resuming from its checkpoint at step {resumed}/8" in r.stdout + r.stderr
     _same_run(reference, out)
     summary = json.loads((out / "summary.json").read_text())
     assert [s["index"] for s in summary["stages"]] == [1, 2]
