@@ -14,8 +14,8 @@ Layouts: `plain` is two padded rows per pair (prompt+chosen, prompt+rejected), f
 before the throughput work; `shared` is `pair_layout`: one row per pair with the prompt computed once,
 logits only at completion positions, rows sorted by length and cut where that trims padding; `prefix` is
 `prefix_cache`: the same pairs with the prompt computed once through the KV cache instead of a 4D mask
-(prompts alone, then both completions over the cached keys/values: attention ~P^2 + 2 max(C,R) (P + max(C,R))
-a pair rather than (P+C+R)^2). The reference pass has no prefix variant: `prefix` alone times the shared one.
+(prompts alone, then chosen and rejected over the cached keys/values: attention ~P^2 + C(P+C) + R(P+R) a
+pair rather than (P+C+R)^2). The reference pass has no prefix variant: `prefix` alone times the shared one.
 
 Columns: pairs/s; tokens/s = non-padding tokens of the two sequences of each pair (2P+C+R), the same
 count for every layout and for TRL; pad % = computed positions that are padding (`prefix` computes P+C+R-2

@@ -330,8 +330,8 @@ def test_prefix_chunks_trim_each_part_and_minimise_computed_positions():
             assert part[key].shape[1] == int(part[length].max()), key
     assert sum(computed_positions(part) for part in parts) <= computed_positions(batch)
 
-    def cost(lens, bounds):
-        return sum((e - s) * (max(x[0] for x in lens[s:e]) + 2 * (max(max(x[1:]) for x in lens[s:e]) - 1))
+    def cost(lens, bounds):  # prompts, chosen and rejected each padded to their longest; no last column
+        return sum((e - s) * (sum(max(x[k] for x in lens[s:e]) for k in range(3)) - 2)
                    for s, e in itertools.pairwise(bounds))
 
     rng = random.Random(1)

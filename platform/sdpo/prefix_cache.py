@@ -7,10 +7,16 @@ Here the prompt is run alone and its keys and values are reused by both completi
   1. the B prompts (right-padded, explicit positions, a 2D mask) go through the model with a
      `DynamicCache`; logits only at each prompt's last position, which predicts both completions'
      first token;
-  2. the completions (right-padded) go through the model with that cache as `past_key_values`: their
-     2D mask is [the prompt's padding mask | the completion's], their positions continue from each
-     prompt's length, and logits are asked only where a completion token is predicted. Attention costs
-     P^2/2 + (C+R)(P + ...) per pair instead of (P+C+R)^2 under the dense mask.
+  2. the chosen completions (right-padded), then the rejected ones, go through the model over that
+     cache (`past_key_values`): their 2D mask is [the prompt's padding mask | the completion's], their
+     positions continue from each prompt's length, and logits are asked only where a completion token is
+     predicted. A completion's last token predicts nothing scored, so it is not run.
+
+Attention then costs P^2 + C(P+C) + R(P+R) (query, key) pairs per pair instead of (P+C+R)^2 under the
+dense mask (-40% on UltraFeedback pairs), for more padding: prompts, chosen and rejected are each padded to
+their longest in the chunk (+6% positions computed). Chosen and rejected run as two calls over one cache
+rather than one call over the cache repeated for 2B rows: that pads each to its own longest, and measured
+faster on a CPU (fp32 +4%, bf16 +3%, 25M Llama).
 
 transformers builds the mask from the 2D one and the cache's length: query column P_max + i sees every
 key column up to it that the 2D mask marks real, so a right-padded prompt's padding columns sit between
@@ -19,9 +25,9 @@ rather than left padding for the prompts: a left-padded prompt has padding queri
 to, whose attention some sdpa kernels return as NaN; here every query sees at least its row's first token.
 
 The cache keeps the autograd graph: `DynamicLayer.update` concatenates the prompt's keys/values with the
-completion's (`torch.cat`), and tiling the cache for the two completions of a pair indexes it, both
-differentiable, so the completions' loss reaches the prompt's computation (tests compare every gradient
-with the plain layout's).
+completion's (`torch.cat`, differentiable), so the completions' loss reaches the prompt's computation
+(tests compare every gradient with the plain layout's). The rejected call gets a second `DynamicCache` over
+the same prompt tensors, since the chosen call's update replaces the first cache's.
 
 Falls back to `pair_layout.shared_sequence_logps` (the 4D-mask layout, same values) when the model would
 drop the cache: transformers' gradient checkpointing turns the cache off in training
@@ -95,18 +101,16 @@ def collate_prefix(
 def prefix_splits(lens: Sequence[Sequence[int]], max_splits: int, min_gain: float = 0.1) -> list[int]:
     """Chunk boundaries over the rows' (P, C, R), minimising the positions the chunks compute.
 
-    A chunk of n rows computes n x P_max prompt positions and 2n x (max(C_max, R_max) - 1) completion
-    positions (`computed_positions`).
+    A chunk of n rows computes n x (P_max + C_max - 1 + R_max - 1) positions (`computed_positions`).
     """
     n = len(lens)
     # cost[i][j]: the chunk of rows i..j-1, with running maxima over j
     cost = [[0] * (n + 1) for _ in range(n + 1)]
     for i in range(n):
-        p_max = m_max = 0
+        width = [0, 0, 0]
         for j in range(i + 1, n + 1):
-            p, c, r = lens[j - 1]
-            p_max, m_max = max(p_max, p), max(m_max, c, r)
-            cost[i][j] = (j - i) * (p_max + 2 * (m_max - 1))
+            width = [max(w, x) for w, x in zip(width, lens[j - 1], strict=True)]
+            cost[i][j] = (j - i) * (sum(width) - 2)
     real = sum(p + c + r - 2 for p, c, r in lens)
     return best_splits(n, lambda i, j: cost[i][j], max_splits, real=real, min_gain=min_gain)
 
@@ -114,9 +118,8 @@ def prefix_splits(lens: Sequence[Sequence[int]], max_splits: int, min_gain: floa
 def computed_positions(batch: dict[str, Tensor]) -> int:
     """Positions a chunk runs through the model: its prompts, and both completions but their last column
     (a completion's last token predicts nothing that is scored)."""
-    b, p = batch["prompt_ids"].shape
-    width = max(batch["chosen_ids"].shape[1], batch["rejected_ids"].shape[1]) - 1
-    return b * p + 2 * b * width
+    b = batch["prompt_ids"].shape[0]
+    return b * (batch["prompt_ids"].shape[1] + batch["chosen_ids"].shape[1] + batch["rejected_ids"].shape[1] - 2)
 
 
 def uses_cache(model: torch.nn.Module) -> bool:
@@ -147,26 +150,26 @@ def prefix_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, a
     first = _logits(model, prompt, prompt_mask, cols_p.expand(b, -1), last, cache)  # [B, V]
     if cache.get_seq_length() != width_p:  # the model did not keep its keys/values: the mask layout
         return shared_sequence_logps(model, as_shared(batch), average=average)
-    first_lse = torch.logsumexp(first.float(), dim=-1)
+    prompt_kv = [(k, v) for k, v, *_ in cache]
     rows = torch.arange(b, device=device)
-    first_logps = torch.cat([first[rows, chosen[:, 0]], first[rows, rejected[:, 0]]]).float() - first_lse.repeat(2)
+    first_lse = torch.logsumexp(first.float(), dim=-1).repeat(2)
+    token_logps = [torch.cat([first[rows, chosen[:, 0]], first[rows, rejected[:, 0]]]).float() - first_lse]
     seq = [torch.arange(2 * b, device=device)]
-    token_logps = [first_logps]
 
-    # 2. both completions of every pair, one row each, over the prompt's cache tiled to 2B rows
-    width = max(chosen.shape[1], rejected.shape[1]) - 1  # the last column predicts nothing scored
-    if width > 0:
-        completions = torch.cat([_pad_to(chosen, width + 1), _pad_to(rejected, width + 1)])  # [2B, width + 1]
-        lens = torch.cat([c, r])
+    # 2. the chosen completions (sequences 0..B-1), then the rejected (B..2B-1), each over the prompts' cache
+    for ids, lens, offset in ((chosen, c, 0), (rejected, r, b)):
+        width = ids.shape[1] - 1  # the last column predicts nothing scored
+        if width == 0:
+            continue
+        if offset:  # the chosen call replaced `cache`'s tensors by [prompt | chosen]: a new one over the prompt
+            cache = DynamicCache(ddp_cache_data=prompt_kv)
         cols = torch.arange(width, device=device)
-        cache.batch_select_indices(rows.repeat(2))  # rows 0..B-1 for chosen, B..2B-1 for rejected
-        mask = torch.cat([prompt_mask.repeat(2, 1), cols[None, :] < lens[:, None]], dim=1)
+        mask = torch.cat([prompt_mask, cols[None, :] < lens[:, None]], dim=1)
         keep = cols[None, :] < (lens - 1)[:, None]  # column t predicts token t+1
-        logits = _logits(model, completions[:, :width], mask, p.repeat(2)[:, None] + cols, keep, cache)
-        labels = completions[:, 1:][keep]
-        token_logps.append(logits.gather(-1, labels[:, None]).squeeze(-1).float()
+        logits = _logits(model, ids[:, :width], mask, p[:, None] + cols, keep, cache)
+        token_logps.append(logits.gather(-1, ids[:, 1:][keep][:, None]).squeeze(-1).float()
                            - torch.logsumexp(logits.float(), dim=-1))
-        seq.append(keep.nonzero(as_tuple=True)[0])
+        seq.append(keep.nonzero(as_tuple=True)[0] + offset)
     # float64 accumulation, as logprobs.token_logps_sum
     values = torch.cat(token_logps)
     sums = torch.zeros(2 * b, dtype=torch.float64, device=device).index_add(0, torch.cat(seq), values.double())
@@ -174,12 +177,6 @@ def prefix_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, a
     if not average:
         return sums
     return sums / torch.cat([c, r]).clamp(min=1)
-
-
-def _pad_to(ids: Tensor, width: int) -> Tensor:
-    if ids.shape[1] >= width:
-        return ids[:, :width]
-    return torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
 
 
 def _logits(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, keep: Tensor, cache) -> Tensor:
