@@ -8,7 +8,7 @@ Here the prompt is run alone and its keys and values are reused by both completi
      `DynamicCache`; logits only at each prompt's last position, which predicts both completions'
      first token;
   2. the chosen completions (right-padded), then the rejected ones, go through the model over that
-     cache (`past_key_values`): their 2D mask is [the prompt's padding mask | the completion's], their
+     cache (`cache=`; `past_key_values=` in older transformers): their 2D mask is [the prompt's padding mask | the completion's], their
      positions continue from each prompt's length, and logits are asked only where a completion token is
      predicted. A completion's last token predicts nothing scored, so it is not run.
 
@@ -16,13 +16,14 @@ Attention then costs P^2 + C(P+C) + R(P+R) (query, key) pairs per pair instead o
 dense mask (-40% on UltraFeedback pairs), for more padding: prompts, chosen and rejected are each padded to
 their longest in the chunk (+6% positions computed). Chosen and rejected run as two calls over one cache
 rather than one call over the cache repeated for 2B rows: that pads each to its own longest, and measured
-faster on a CPU (fp32 +4%, bf16 +3%, 25M Llama).
+faster on a CPU (fp32 +7%, bf16 +3%, 25M Llama; benchmarks/README.md).
 
 transformers builds the mask from the 2D one and the cache's length: query column P_max + i sees every
 key column up to it that the 2D mask marks real, so a right-padded prompt's padding columns sit between
 the prompt and the completion and are masked (RoPE depends on `position_ids`, not on columns). Right
 rather than left padding for the prompts: a left-padded prompt has padding queries with no key to attend
-to, whose attention some sdpa kernels return as NaN; here every query sees at least its row's first token.
+to (fully masked rows, which older torch sdpa kernels turn into NaN); here every query sees at least its
+row's first token.
 
 The cache keeps the autograd graph: `DynamicLayer.update` concatenates the prompt's keys/values with the
 completion's (`torch.cat`, differentiable), so the completions' loss reaches the prompt's computation
@@ -190,7 +191,7 @@ def _logits(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tens
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
-    """`cache` from transformers 5.24 (`past_key_values` is deprecated there), `past_key_values` before."""
+    """`cache` where the forward takes it (transformers 5.24 deprecates `past_key_values`), else `past_key_values`."""
     inner = getattr(model, "module", model)
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
