@@ -8,9 +8,10 @@ Here the prompt is run alone and its keys and values are reused by both completi
      `DynamicCache`; logits only at each prompt's last position, which predicts both completions'
      first token;
   2. the chosen completions (right-padded), then the rejected ones, go through the model over that
-     cache (`cache=`; `past_key_values=` in older transformers): their 2D mask is [the prompt's padding mask | the completion's], their
-     positions continue from each prompt's length, and logits are asked only where a completion token is
-     predicted. A completion's last token predicts nothing scored, so it is not run.
+     cache (`cache=`; `past_key_values=` in older transformers): their 2D mask is [the prompt's padding
+     mask | the completion's], their positions continue from each prompt's length, and logits are asked
+     only where a completion token is predicted. A completion's last token predicts nothing scored, so
+     it is not run.
 
 Attention then costs P^2 + C(P+C) + R(P+R) (query, key) pairs per pair instead of (P+C+R)^2 under the
 dense mask (-40% on UltraFeedback pairs), for more padding: prompts, chosen and rejected are each padded to
