@@ -12,10 +12,14 @@ For one model and one set of real pairs it times, after a warm-up step each:
 
 Layouts: `plain` is two padded rows per pair (prompt+chosen, prompt+rejected), full logits — the path
 before the throughput work; `shared` is `pair_layout`: one row per pair with the prompt computed once,
-logits only at completion positions, rows sorted by length and cut where that trims padding.
+logits only at completion positions, rows sorted by length and cut where that trims padding; `prefix` is
+`prefix_cache`: the same pairs with the prompt computed once through the KV cache instead of a 4D mask
+(prompts alone, then chosen and rejected over the cached keys/values: attention ~P^2 + C(P+C) + R(P+R) a
+pair rather than (P+C+R)^2). The reference pass has no prefix variant: `prefix` alone times the shared one.
 
 Columns: pairs/s; tokens/s = non-padding tokens of the two sequences of each pair (2P+C+R), the same
-count for every layout and for TRL; pad % = computed positions that are padding; MFU = model FLOPs /
+count for every layout and for TRL; pad % = computed positions that are padding (`prefix` computes P+C+R-2
+real positions a pair: a completion's last token predicts nothing scored); MFU = model FLOPs /
 seconds / the matmul peak measured in this run for the same dtype (model FLOPs: the work a pair needs
 done once — the layers over P+C+R tokens with causal attention, the lm_head at the C+R completion
 positions, x3 for forward+backward, + one forward for an online reference — identical for every row,
@@ -55,11 +59,13 @@ from reference_pass import (  # noqa: E402  (the shared setup of the benchmarks)
 
 from sdpo.logprobs import collate_pairs  # noqa: E402
 from sdpo.pair_layout import chunks, collate_shared  # noqa: E402
+from sdpo.prefix_cache import collate_prefix, computed_positions  # noqa: E402
 from sdpo.scoring import score_pairs  # noqa: E402
 from sdpo.training import LossSettings, autocast, build_optimizer, freeze, pair_losses  # noqa: E402
 
 LOSS = LossSettings("sigmoid", 0.1, {})
 LR = 1e-5
+COLLATE = {"plain": collate_pairs, "shared": collate_shared, "prefix": collate_prefix}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,8 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=_positive, default=None)
     args = p.parse_args(argv)
     args.layouts = [x for x in args.layouts.split(",") if x]
-    if bad := set(args.layouts) - {"plain", "shared"}:
-        p.error(f"--layouts: unknown {sorted(bad)}; choose from plain, shared")
+    if bad := set(args.layouts) - set(COLLATE):
+        p.error(f"--layouts: unknown {sorted(bad)}; choose from {', '.join(COLLATE)}")
     return args
 
 
@@ -165,16 +171,17 @@ def make_batches(pairs, scores, layout: str, batch_size: int, device) -> tuple[l
     for s in range(0, len(p), batch_size):
         idx = list(range(s, min(s + batch_size, len(p))))
         args = ([p[i] for i in idx], [c[i] for i in idx], [r[i] for i in idx])
-        batch = collate_shared(*args) if layout == "shared" else collate_pairs(*args)
-        order = batch["order"].tolist() if layout == "shared" else list(range(len(idx)))
+        batch = COLLATE[layout](*args)
+        order = batch["order"].tolist() if layout != "plain" else list(range(len(idx)))
         if scores is not None:
             for name in ("chosen_logps", "rejected_logps"):
                 batch["ref_" + name] = torch.tensor(scores[name][[idx[o] for o in order]])
             for name in ("chosen_tokens", "rejected_tokens"):
                 batch[name] = torch.tensor(scores[name][[idx[o] for o in order]])
         batch = {k: v.to(device) for k, v in batch.items()}
-        parts = list(chunks(batch)) if layout == "shared" else [batch]
-        positions += sum(part["input_ids"].numel() for part in parts)
+        parts = list(chunks(batch)) if layout != "plain" else [batch]
+        positions += sum(computed_positions(part) if layout == "prefix" else part["input_ids"].numel()
+                         for part in parts)
         out.append(batch)
     return out, positions
 
@@ -182,7 +189,7 @@ def make_batches(pairs, scores, layout: str, batch_size: int, device) -> tuple[l
 def train_step(policy, reference, optimizer, batch, layout: str, bf16: bool, device) -> float:
     """One optimiser step as the worker takes it; returns the batch's mean loss."""
     total, weight = 0.0, float(batch["weights"].sum())
-    for part in (chunks(batch) if layout == "shared" else [batch]):
+    for part in (chunks(batch) if layout != "plain" else [batch]):
         with autocast(bf16, device):
             losses, _ = pair_losses(policy, reference, part, LOSS)
         (losses * part["weights"] / weight).sum().backward()
@@ -247,7 +254,7 @@ def main(argv=None) -> None:
                 t.add_(0.01 * torch.randn_like(t))
         freeze(reference)
         scores = None
-        for layout in args.layouts:
+        for layout in [x for x in args.layouts if x != "prefix"] or ["shared"]:
             scorer = copy.deepcopy(reference).to(torch.bfloat16 if bf16 else torch.float32)
             with PeakMemory(device) as mem:
                 seconds, layout_scores = time_reference_pass(scorer, pairs, device, args.micro_batch, layout)
@@ -258,7 +265,7 @@ def main(argv=None) -> None:
                                  flops=fwd, peak=peak, mb=mem.mb, pad=None))
         for layout in args.layouts:
             batches, positions = make_batches(pairs, None if args.online else scores, layout, args.batch, device)
-            real = tokens if layout == "plain" else unique
+            real = {"plain": tokens, "shared": unique, "prefix": unique - 2 * n}[layout]
             policy = build_model(args, tok, torch.float32, device)
             with PeakMemory(device) as mem:
                 seconds, first = time_training(policy, reference if args.online else None, batches, layout, bf16,

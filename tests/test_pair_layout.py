@@ -48,15 +48,26 @@ def _pairs(n, seed=0, vocab=500):
     return prompts, chosen, rejected
 
 
-def _shared_logps(model, batch, average=False):
+def _shared_logps(model, batch, average=False, layout=shared_sequence_logps):
     """Run every chunk and put the values back in the plain layout's order (chosen 0..B-1, rejected B..)."""
     b = batch["order"].shape[0]
     out = torch.zeros(2 * b, dtype=torch.float64)
     for part in chunks(batch):
-        v = shared_sequence_logps(model, part, average=average).double()
+        v = layout(model, part, average=average).double()
         n = part["order"].shape[0]
         out[part["order"]], out[part["order"] + b] = v[:n], v[n:]
     return out
+
+
+def _grads(model, reference, batches, loss):
+    """(sum of the weighted losses, every parameter's gradient) of backward passes over `batches`."""
+    total = 0.0
+    for batch in batches:
+        losses, _ = pair_losses(model, reference, batch, loss)
+        weighted = (losses * batch["weights"]).sum()
+        weighted.backward()
+        total += float(weighted.detach())
+    return total, {n: q.grad.clone() for n, q in model.named_parameters()}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -80,19 +91,9 @@ def test_loss_and_gradients_equal_the_plain_layout(model):
     reference.load_state_dict({k: v + 0.01 for k, v in reference.state_dict().items()})
     loss = LossSettings("sigmoid", 0.1, {})
 
-    def grads_of(batches):
-        policy = copy.deepcopy(model)
-        total = 0.0
-        for batch in batches:
-            losses, _ = pair_losses(policy, reference, batch, loss)
-            weighted = (losses * batch["weights"]).sum()
-            weighted.backward()
-            total += float(weighted.detach())
-        return total, {n: q.grad.clone() for n, q in policy.named_parameters()}
-
-    plain_loss, plain_grads = grads_of([collate_pairs(p, c, r, weights=weights)])
+    plain_loss, plain_grads = _grads(copy.deepcopy(model), reference, [collate_pairs(p, c, r, weights=weights)], loss)
     shared = collate_shared(p, c, r, weights=weights, max_splits=3)
-    shared_loss, shared_grads = grads_of(list(chunks(shared)))
+    shared_loss, shared_grads = _grads(copy.deepcopy(model), reference, list(chunks(shared)), loss)
     assert abs(shared_loss - plain_loss) < 1e-6
     assert plain_loss != pytest.approx(4 * 0.6931, abs=1e-3)  # policy != reference: not the trivial ln 2
     for name, g in plain_grads.items():
@@ -206,3 +207,153 @@ def test_exact_splits_give_every_rank_the_same_number_of_calls():
                     for cuts in itertools.combinations(range(1, len(lengths)), len(bounds) - 2))
         assert area(lengths, bounds) == brute  # still the least padding for that many chunks
     assert split_points([100, 99, 98, 97], 4, exact=True) == [0, 1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------------------------------
+# The prefix-cache variant (`prefix_cache`): the prompt once through the KV cache, no 4D mask
+# --------------------------------------------------------------------------------------------------
+def tiny_llama(attn="sdpa", seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config._attn_implementation = attn
+    return LlamaForCausalLM(config)
+
+
+def _tiny_pairs(n, seed=0):
+    """Variable lengths; pair 0 has a 1-token chosen, pair 1 a 1-token rejected and a 1-token prompt."""
+    p, c, r = _pairs(n, seed=seed, vocab=60)
+    c[0] = [2]
+    if n > 1:
+        p[1], r[1] = [7], [2]
+    return p, c, r
+
+
+def _prefix_logps(model, batch, average=False):
+    """As `_shared_logps`, for a `collate_prefix` batch (through `chunks`)."""
+    from sdpo.prefix_cache import prefix_sequence_logps
+
+    return _shared_logps(model, batch, average, layout=prefix_sequence_logps)
+
+
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Fails the test if the prefix-cache layout falls back to the 4D-mask one."""
+    import sdpo.prefix_cache as pc
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fell back to the mask layout")
+
+    monkeypatch.setattr(pc, "shared_sequence_logps", refuse)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("n", [1, 7])
+def test_prefix_cache_logps_equal_the_plain_layout(attn, average, n, no_fallback):
+    from sdpo.prefix_cache import collate_prefix, supports_prefix_cache
+
+    m = tiny_llama(attn)
+    assert supports_prefix_cache(m)
+    p, c, r = _tiny_pairs(n, seed=n)
+    plain = sequence_logps(m, collate_pairs(p, c, r), average=average).double()
+    prefix = _prefix_logps(m, collate_prefix(p, c, r, max_splits=3), average=average)
+    torch.testing.assert_close(prefix, plain, rtol=0, atol=1e-5)
+
+
+def test_prefix_cache_of_one_token_completions_runs_the_prompts_only(no_fallback):
+    from sdpo.prefix_cache import collate_prefix, computed_positions
+
+    m = tiny_llama()
+    p, c, r = [[5, 6, 7], [8]], [[2], [2]], [[2], [2]]
+    batch = collate_prefix(p, c, r)
+    assert computed_positions(batch) == 2 * 3
+    torch.testing.assert_close(_prefix_logps(m, batch), sequence_logps(m, collate_pairs(p, c, r)).double(),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("n", [1, 6])
+def test_prefix_cache_loss_and_gradients_equal_the_plain_layout(attn, n, no_fallback):
+    """The completions' loss reaches the prompt's computation through the cached keys/values: every
+    parameter's gradient equals the plain layout's (fp32, reference online in the same layout)."""
+    from sdpo.prefix_cache import collate_prefix
+
+    p, c, r = _tiny_pairs(n, seed=10 + n)
+    weights = [1.0, 0.0, 1.0, 1.0, 1.0, 1.0][:n] if n > 1 else [1.0]
+    reference = tiny_llama(attn, seed=1).eval()
+    loss = LossSettings("sigmoid", 0.1, {})
+    plain_loss, plain_grads = _grads(tiny_llama(attn), reference, [collate_pairs(p, c, r, weights=weights)], loss)
+    batch = collate_prefix(p, c, r, weights=weights, max_splits=3)
+    prefix_loss, prefix_grads = _grads(tiny_llama(attn), reference, list(chunks(batch)), loss)
+    assert prefix_loss == pytest.approx(plain_loss, abs=1e-6)
+    for name, g in plain_grads.items():
+        assert g.abs().max() > 0, name  # every parameter takes part, the prompt's layers included
+        torch.testing.assert_close(prefix_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+def test_prefix_cache_falls_back_to_the_mask_layout_under_gradient_checkpointing(monkeypatch):
+    """transformers drops the cache in a checkpointed training forward: the mask layout runs instead."""
+    import sdpo.prefix_cache as pc
+    from sdpo.prefix_cache import collate_prefix, uses_cache
+
+    calls = []
+    real = pc.shared_sequence_logps
+    monkeypatch.setattr(pc, "shared_sequence_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    p, c, r = _tiny_pairs(5, seed=3)
+    loss = LossSettings("sigmoid", 0.1, {})
+    reference = tiny_llama(seed=1).eval()
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert not uses_cache(model)
+    with torch.no_grad():
+        assert uses_cache(model)  # no backward, no checkpointing: the cache is kept
+    batch = collate_prefix(p, c, r, max_splits=2)
+    prefix_loss, prefix_grads = _grads(model, reference, list(chunks(batch)), loss)
+    assert len(calls) == len(list(chunks(batch)))  # the policy's chunks; the reference (eval) uses the cache
+    plain_loss, plain_grads = _grads(tiny_llama(), reference, [collate_pairs(p, c, r)], loss)
+    assert prefix_loss == pytest.approx(plain_loss, abs=1e-6)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(prefix_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_prefix_batch_as_shared_rows_equals_collate_shared():
+    from sdpo.prefix_cache import as_shared, collate_prefix
+
+    p, c, r = _tiny_pairs(6, seed=4)
+    prefix, shared = collate_prefix(p, c, r, max_splits=1), collate_shared(p, c, r, max_splits=1)
+    assert prefix["order"].tolist() == shared["order"].tolist()
+    rows = as_shared(prefix)
+    for key in ("input_ids", "position_ids", "prompt_len", "chosen_len", "rejected_len", "weights"):
+        assert rows[key].tolist() == shared[key].tolist(), key
+
+
+def test_prefix_chunks_trim_each_part_and_minimise_computed_positions():
+    from sdpo.prefix_cache import collate_prefix, computed_positions, prefix_splits
+
+    p, c, r = _pairs(8, seed=6)
+    batch = collate_prefix(p, c, r, max_splits=4)
+    parts = list(chunks(batch))
+    assert sum(part["order"].shape[0] for part in parts) == 8
+    for part in parts:
+        for key, length in (("prompt_ids", "prompt_len"), ("chosen_ids", "chosen_len"),
+                            ("rejected_ids", "rejected_len")):
+            assert part[key].shape[1] == int(part[length].max()), key
+    assert sum(computed_positions(part) for part in parts) <= computed_positions(batch)
+
+    def cost(lens, bounds):  # prompts, chosen and rejected each padded to their longest; no last column
+        return sum((e - s) * (sum(max(x[k] for x in lens[s:e]) for k in range(3)) - 2)
+                   for s, e in itertools.pairwise(bounds))
+
+    rng = random.Random(1)
+    for _ in range(30):
+        lens = [(rng.randrange(1, 50), rng.randrange(1, 50), rng.randrange(1, 50)) for _ in range(rng.randrange(1, 8))]
+        lens.sort(key=lambda x: -sum(x))
+        bounds = prefix_splits(lens, 3, min_gain=0.0)
+        brute = min(cost(lens, [0, *cuts, len(lens)])
+                    for k in range(3) for cuts in itertools.combinations(range(1, len(lens)), k))
+        assert cost(lens, bounds) == brute

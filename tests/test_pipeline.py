@@ -379,7 +379,9 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
 
     A third run shards the 2 workers' training state (`parallelism: fsdp`, FSDP2): the same trajectory,
     a mid-stage checkpoint and the final model gathered from the shards (both Hugging Face models), and
-    final weights equal to the DDP run's up to float rounding."""
+    final weights equal to the DDP run's up to float rounding. Both 2-worker runs compute the prompt
+    through the KV cache (`prefix_cache`, three model calls before each backward), the 1-worker run under
+    the 4D mask: the layouts agree to float rounding too."""
     b, steps, accum = 4, 7, 2
     n = 2 * b * (steps - 1) + 3  # 6 full steps of 2b pairs and a partial window; odd, so 2 workers pad one row
     src = tmp_path / "same.jsonl"
@@ -392,7 +394,7 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
         summary = run(job(tmp_path, data=spec, output_dir=str(out), scaling={"num_workers": world},
                           training={"learning_rate": 1e-4, "batch_size": b * (3 - world) // accum,
                                     "gradient_accumulation_steps": accum, "logging_steps": 100,
-                                    "parallelism": parallelism},
+                                    "parallelism": parallelism, "prefix_cache": world == 2},
                           reference={"mode": "online", "gamma": False},
                           checkpointing={"every_steps": 3 if parallelism == "fsdp" else None}),
                       log=lambda s: None)

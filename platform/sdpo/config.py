@@ -261,6 +261,12 @@ class TrainingConfig(_Strict):
         True, description="One row per pair, the prompt computed once for chosen and rejected, logits only at "
         "completion positions (exact; sdpa/eager attention, pairwise losses). false: two rows per pair.",
     )
+    prefix_cache: bool = Field(
+        False, description="With shared_prompt: compute the prompt through the model's KV cache (the prompts, "
+        "then chosen and rejected over their keys/values) instead of one row under a 4D mask: ~40% less "
+        "attention work, a little more padding (exact; measured 5-9% faster on a 25M Llama on CPU, slower "
+        "on tiny models in bf16). Falls back to the mask under gradient checkpointing.",
+    )
     length_splits: int = Field(
         4, gt=0, description="With shared_prompt: the most chunks a micro-batch (sorted by length) is cut into "
         "to trim padding; each chunk is a forward/backward of its own (exact: gradients are summed).",

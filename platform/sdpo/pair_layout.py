@@ -95,19 +95,27 @@ def split_points(lengths_desc: Sequence[int], max_splits: int, min_gain: float =
     a further chunk is taken only if it removes at least `min_gain` of the real tokens in padding, since
     every chunk is one more forward/backward call. `exact`: exactly min(max_splits, rows) chunks.
     """
-    n = len(lengths_desc)
-    real = sum(lengths_desc)
+    return best_splits(len(lengths_desc), lambda i, j: (j - i) * lengths_desc[i], max_splits,
+                       real=sum(lengths_desc), min_gain=min_gain, exact=exact)
+
+
+def best_splits(n: int, cost, max_splits: int, *, real: float, min_gain: float = 0.1,
+                exact: bool = False) -> list[int]:
+    """Boundaries 0 = b_0 < ... < b_k = n of at most `max_splits` chunks of consecutive rows minimising
+    sum cost(b_i, b_{i+1}) (`cost(i, j)`: the computed positions of a chunk of rows i..j-1); a further
+    chunk only if it saves at least `min_gain` x `real` positions. `exact`: exactly min(max_splits, n)
+    chunks (FSDP: every rank makes the same number of calls)."""
     inf = float("inf")
-    # best[k][j]: least padded area covering rows 0..j-1 with k chunks; cut[k][j]: the last chunk's start
+    # best[k][j]: least cost covering rows 0..j-1 with k chunks; cut[k][j]: the last chunk's start
     best = [[inf] * (n + 1) for _ in range(max_splits + 1)]
     cut = [[0] * (n + 1) for _ in range(max_splits + 1)]
     best[0][0] = 0
     for k in range(1, max_splits + 1):
         for j in range(1, n + 1):
-            for i in range(j):  # the last chunk is rows i..j-1; its longest row is lengths_desc[i]
-                cost = best[k - 1][i] + (j - i) * lengths_desc[i]
-                if cost < best[k][j]:
-                    best[k][j], cut[k][j] = cost, i
+            for i in range(j):  # the last chunk is rows i..j-1
+                total = best[k - 1][i] + cost(i, j)
+                if total < best[k][j]:
+                    best[k][j], cut[k][j] = total, i
     chosen_k = 1
     for k in range(2, max_splits + 1):
         if best[chosen_k][n] - best[k][n] >= min_gain * real:
@@ -121,14 +129,26 @@ def split_points(lengths_desc: Sequence[int], max_splits: int, min_gain: float =
     return bounds[::-1]
 
 
+# The segments each 2D key of a batch spans: a chunk trims the key to the longest of them in its rows.
+# `input_ids`/`position_ids`: this layout's [prompt|chosen|rejected] rows; the others: `prefix_cache`'s.
+WIDTHS = {"input_ids": LENGTH_KEYS, "position_ids": LENGTH_KEYS, "prompt_ids": ("prompt_len",),
+          "chosen_ids": ("chosen_len",), "rejected_ids": ("rejected_len",)}
+
+
 def chunks(batch: dict[str, Tensor]) -> Iterator[dict[str, Tensor]]:
-    """The batch's row chunks, each trimmed to its own longest row (`collate_shared` sorted them)."""
+    """The batch's row chunks, each 2D key trimmed to the longest of its rows (`WIDTHS`)."""
     splits = batch["splits"].tolist()
-    total = batch["prompt_len"] + batch["chosen_len"] + batch["rejected_len"]
     for start, end in zip(splits[:-1], splits[1:], strict=False):
-        width = int(total[start])
-        yield {k: (v[start:end, :width] if v.dim() == 2 else v[start:end])
-               for k, v in batch.items() if k != "splits"}
+        part = {}
+        for k, v in batch.items():
+            if k == "splits":
+                continue
+            v = v[start:end]
+            if v.dim() == 2:
+                width = int(sum(batch[n][start:end] for n in WIDTHS[k]).max())
+                v = v[:, :width]
+            part[k] = v
+        yield part
 
 
 def attention_mask(batch: dict[str, Tensor], *, additive_dtype: torch.dtype | None = None) -> Tensor:

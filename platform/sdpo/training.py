@@ -23,6 +23,7 @@ import torch
 from sdpo.logprobs import sequence_logps, split_pairs, to_groups
 from sdpo.losses import get_loss, listwise_loss, preference_loss, preference_metrics
 from sdpo.pair_layout import shared_sequence_logps
+from sdpo.prefix_cache import PREFIX_KEY, prefix_sequence_logps
 
 Tensor = torch.Tensor
 
@@ -126,9 +127,13 @@ def precomputed_reference(batch: dict[str, Tensor], *, average: bool) -> tuple[T
 
 
 def pair_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, average: bool) -> tuple[Tensor, Tensor]:
-    """(chosen, rejected) log-probs of a batch in either layout: plain (`logprobs.collate_pairs`) or
-    shared-prompt (`pair_layout.collate_shared`, recognised by its `prompt_len` column)."""
-    layout = shared_sequence_logps if "prompt_len" in batch else sequence_logps
+    """(chosen, rejected) log-probs of a batch in any layout: plain (`logprobs.collate_pairs`), shared-prompt
+    (`pair_layout.collate_shared`, recognised by its `prompt_len` column) or prefix-cache
+    (`prefix_cache.collate_prefix`, recognised by its `prompt_ids`; it has `prompt_len` too)."""
+    if PREFIX_KEY in batch:
+        layout = prefix_sequence_logps
+    else:
+        layout = shared_sequence_logps if "prompt_len" in batch else sequence_logps
     return split_pairs(layout(model, batch, average=average))
 
 

@@ -29,6 +29,7 @@ from ray.train import CheckpointConsistencyMode
 
 from sdpo.logprobs import collate_groups, collate_pairs, row_groups
 from sdpo.pair_layout import chunks, collate_shared, completion_tokens, supports_shared_prompt
+from sdpo.prefix_cache import collate_prefix
 from sdpo.scoring import load_model
 from sdpo.sharding import as_float, full_optimizer_state, full_state_dict, load_optimizer_state, shard_model
 from sdpo.training import (
@@ -58,17 +59,18 @@ TRAIN_STATE = "train_state.pt"
 
 class PairCollate(NumpyBatchCollateFn):
     """Ray Data numpy batch -> pair tensors: the shared-prompt layout (`pair_layout.collate_shared`, rows
-    sorted by length and cut into chunks) or the plain one (`logprobs.collate_pairs`). Runs in Ray Data's
-    prefetch threads, so the step never waits on it."""
+    sorted by length and cut into chunks; with `prefix`, `prefix_cache.collate_prefix`) or the plain one
+    (`logprobs.collate_pairs`). Runs in Ray Data's prefetch threads, so the step never waits on it."""
 
-    def __init__(self, shared: bool = False, max_splits: int = 1, exact_splits: bool = False):
-        self.shared, self.max_splits, self.exact_splits = shared, max_splits, exact_splits
+    def __init__(self, shared: bool = False, max_splits: int = 1, exact_splits: bool = False,
+                 prefix: bool = False):
+        self.shared, self.max_splits, self.exact_splits, self.prefix = shared, max_splits, exact_splits, prefix
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         if self.shared:
-            out = collate_shared(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"],
-                                 weights=batch["weight"], max_splits=self.max_splits,
-                                 exact_splits=self.exact_splits)
+            collate = collate_prefix if self.prefix else collate_shared
+            out = collate(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"],
+                          weights=batch["weight"], max_splits=self.max_splits, exact_splits=self.exact_splits)
         else:
             out = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"],
                                 weights=batch["weight"])
@@ -143,6 +145,8 @@ def stage_loop(cfg: dict) -> None:
     if cfg.get("shared_prompt") and not shared and rank == 0 and not loss.listwise:
         _progress(f"[stage {cfg['stage']}] shared_prompt needs sdpa or eager attention; this model uses "
                   f"{policy.config._attn_implementation!r}: two rows per pair instead")
+    # the prompt through the KV cache (prefix_cache.py); gradient checkpointing drops the cache
+    prefix = shared and bool(cfg.get("prefix_cache")) and not cfg.get("gradient_checkpointing")
     fsdp = cfg.get("parallelism") == "fsdp" and world > 1
     if cfg.get("parallelism") == "fsdp" and world == 1:
         _progress(f"[stage {cfg['stage']}] parallelism fsdp with one worker: nothing to shard, training unsharded")
@@ -184,7 +188,8 @@ def stage_loop(cfg: dict) -> None:
             batch_size=cfg["batch_size"],
             # FSDP: every chunk's forward and backward are collectives, so all ranks cut alike (equal
             # split: every rank's micro-batch has the same rows). DDP syncs once a window whatever the count.
-            collate_fn=GroupCollate() if loss.listwise else PairCollate(shared, cfg.get("length_splits", 1), fsdp),
+            collate_fn=GroupCollate() if loss.listwise else PairCollate(
+                shared, cfg.get("length_splits", 1), fsdp, prefix=prefix),
             prefetch_batches=2,
             local_shuffle_buffer_size=8 * cfg["batch_size"] if reshuffle else None,
             local_shuffle_seed=cfg["seed"] * 100 + epoch if reshuffle else None,
