@@ -253,10 +253,10 @@ def no_fallback(monkeypatch):
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("n", [1, 7])
 def test_prefix_cache_logps_equal_the_plain_layout(attn, average, n, no_fallback):
-    from sdpo.prefix_cache import collate_prefix, supports_prefix_cache
+    from sdpo.prefix_cache import collate_prefix
 
     m = tiny_llama(attn)
-    assert supports_prefix_cache(m)
+    assert supports_shared_prompt(m)
     p, c, r = _tiny_pairs(n, seed=n)
     plain = sequence_logps(m, collate_pairs(p, c, r), average=average).double()
     prefix = _prefix_logps(m, collate_prefix(p, c, r, max_splits=3), average=average)

@@ -34,7 +34,8 @@ the same prompt tensors, since the chosen call's update replaces the first cache
 Falls back to `pair_layout.shared_sequence_logps` (the 4D-mask layout, same values) when the model would
 drop the cache: transformers' gradient checkpointing turns the cache off in training
 (`GradientCheckpointingLayer` sets `cache=None` when the layer is checkpointed and gradients are on), and
-any model that returns without filling it. Needs `sdpa` or `eager` attention (`supports_prefix_cache`).
+any model that returns without filling it. Needs `sdpa` or `eager` attention, as the mask layout does
+(`pair_layout.supports_shared_prompt`: the fallback needs a 4D mask).
 
 The batch (`collate_prefix`) keeps `pair_layout`'s per-pair keys (`prompt_len`, `chosen_len`,
 `rejected_len`, `weights`, `order`, `splits`), so `pair_layout.chunks`, `completion_tokens` and the
@@ -49,17 +50,12 @@ from collections.abc import Sequence
 
 import torch
 
-from sdpo.pair_layout import _takes_logits_to_keep, best_splits, shared_sequence_logps, supports_shared_prompt
+from sdpo.pair_layout import _takes_logits_to_keep, best_splits, shared_sequence_logps
 
 Tensor = torch.Tensor
 
 # The key that marks a prefix-cache batch (`training.pair_logps` dispatches on it).
 PREFIX_KEY = "prompt_ids"
-
-
-def supports_prefix_cache(model: torch.nn.Module) -> bool:
-    """sdpa or eager attention (as `supports_shared_prompt`: the fallback needs a 4D mask too)."""
-    return supports_shared_prompt(model)
 
 
 def collate_prefix(

@@ -130,10 +130,8 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, average: boo
     """(chosen, rejected) log-probs of a batch in any layout: plain (`logprobs.collate_pairs`), shared-prompt
     (`pair_layout.collate_shared`, recognised by its `prompt_len` column) or prefix-cache
     (`prefix_cache.collate_prefix`, recognised by its `prompt_ids`; it has `prompt_len` too)."""
-    if PREFIX_KEY in batch:
-        layout = prefix_sequence_logps
-    else:
-        layout = shared_sequence_logps if "prompt_len" in batch else sequence_logps
+    layout = (prefix_sequence_logps if PREFIX_KEY in batch
+              else shared_sequence_logps if "prompt_len" in batch else sequence_logps)
     return split_pairs(layout(model, batch, average=average))
 
 

@@ -31,7 +31,14 @@ from sdpo.logprobs import collate_groups, collate_pairs, row_groups
 from sdpo.pair_layout import chunks, collate_shared, completion_tokens, supports_shared_prompt
 from sdpo.prefix_cache import collate_prefix
 from sdpo.scoring import load_model
-from sdpo.sharding import as_float, full_optimizer_state, full_state_dict, load_optimizer_state, shard_model
+from sdpo.sharding import (
+    as_float,
+    full_optimizer_state,
+    full_state_dict,
+    is_sharded,
+    load_optimizer_state,
+    shard_model,
+)
 from sdpo.training import (
     GROUP_REFERENCE_COLUMNS,
     REFERENCE_COLUMNS,
@@ -218,8 +225,7 @@ def stage_loop(cfg: dict) -> None:
                                 world, cfg)
                 _inject_fault(cfg, state["step"], rank)
         if micro % accum:  # a partial window at the end of the epoch: its backwards ran under no_sync
-            if not fsdp:  # FSDP reduce-scatters every backward (no no_sync): already averaged
-                _average_gradients(model, world)
+            _average_gradients(model, world)
             log.append(_optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch))
 
     summary = _stage_summary(log, state["step"], time.perf_counter() - state["t0"])
@@ -329,8 +335,9 @@ def _no_sync(model, world: int, *, skip: bool):
 
 
 def _average_gradients(model, world: int) -> None:
-    """What DDP's all-reduce would have done: the mean of the workers' accumulated gradients."""
-    if world > 1:
+    """What DDP's all-reduce would have done: the mean of the workers' accumulated gradients. A sharded
+    (FSDP) model has no no_sync here: every backward already reduce-scattered its gradients."""
+    if world > 1 and not is_sharded(model):
         for p in model.parameters():
             if p.grad is not None:
                 torch.distributed.all_reduce(p.grad)
