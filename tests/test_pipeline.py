@@ -400,7 +400,13 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
                       log=lambda s: None)
         stage = summary["stages"][0]
         assert stage["num_pairs"] == n
-        assert stage["metrics"]["peak_rss_mib"] > 0 and len(stage["metrics"]["peak_rss_mib_by_rank"]) == world
+        m = stage["metrics"]
+        assert m["peak_rss_mib"] > 0 and len(m["peak_rss_mib_by_rank"]) == world
+        # the stream's start-up (first batch: read + seeded sort) is apart from the steady-state waits
+        assert m["data_startup_s"] > 0 and m["data_wait_s"] >= 0
+        assert m["data_startup_s"] + m["data_wait_s"] <= m["train_seconds"]
+        assert m["data_wait_fraction"] == pytest.approx(
+            m["data_wait_s"] / (m["train_seconds"] - m["data_startup_s"]), rel=0.05)
         logs[name] = [json.loads(x) for x in (out / "stages" / "1" / "trainer_log.jsonl").read_text().splitlines()]
     # FSDP: the mid-stage checkpoints held the gathered model and optimiser state; the stage's model is whole
     fsdp_checkpoints = sorted((tmp_path / "fsdp").rglob("train_state.pt"))

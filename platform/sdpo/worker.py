@@ -173,13 +173,16 @@ def stage_loop(cfg: dict) -> None:
     log: list[dict] = []
     # window = [real pairs, weighted metric sums..., non-padding tokens] for the current optimiser step
     window = torch.zeros(2 + len(TRAIN_METRICS), device=device)
-    state = {"step": 0, "pairs": 0.0, "tokens": 0.0, "t0": time.perf_counter(), "data_wait_s": 0.0}
+    # t0: the clock of pairs/s and elapsed_s; each epoch's data start-up moves it on (see _timed)
+    state = {"step": 0, "pairs": 0.0, "tokens": 0.0, "t0": time.perf_counter(), "data_wait_s": 0.0,
+             "data_startup_s": 0.0}
     start_epoch, skip = 0, 0
     if resume:
         log, start_epoch, skip = resume["log"], resume["position"]["epoch"], resume["position"]["micro"]
         progress = resume["progress"]
         state.update(step=progress["step"], pairs=progress["pairs"], tokens=progress["tokens"],
-                     t0=time.perf_counter() - progress["elapsed_s"])
+                     t0=time.perf_counter() - progress["elapsed_s"],
+                     data_startup_s=progress.get("data_startup_s", 0.0), data_wait_s=progress.get("data_wait_s", 0.0))
         if "optimizer" in resume:
             load_optimizer_state(model, optimizer, resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
@@ -228,15 +231,19 @@ def stage_loop(cfg: dict) -> None:
             _average_gradients(model, world)
             log.append(_optimizer_step(model, optimizer, scheduler, window, world, cfg, state, epoch))
 
-    summary = _stage_summary(log, state["step"], time.perf_counter() - state["t0"])
+    elapsed = time.perf_counter() - state["t0"]  # training time: the data start-ups are not in it
+    summary = _stage_summary(log, state["step"], elapsed + state["data_startup_s"])
     summary |= _peak_memory(device, world)
     if reference is not None:
         summary["reference_fingerprint"] = reference_digest
         summary["reference_unchanged"] = rank != 0 or fingerprint(reference) == reference_digest
     summary["pairs_trained"] = state["pairs"]
-    # Seconds this worker's loop waited for Ray Data's next batch: ~0 when prefetch keeps up.
+    # Seconds this worker's loop waited for Ray Data: for each epoch's first batch (the stream's start-up:
+    # reading the partition and the seeded shuffle's all-to-all sort), then for the others (~0 when
+    # prefetch keeps up; the fraction is of the training time after the start-ups).
+    summary["data_startup_s"] = state["data_startup_s"]
     summary["data_wait_s"] = state["data_wait_s"]
-    summary["data_wait_fraction"] = state["data_wait_s"] / max(summary["train_seconds"], 1e-9)
+    summary["data_wait_fraction"] = state["data_wait_s"] / max(elapsed, 1e-9)
     summary["resumed_from_step"] = resume["progress"]["step"] if resume else None
     _report(policy, cfg, log, summary, rank, progress=_progress_of(state), position={"epoch": cfg["epochs"], "micro": 0})
 
@@ -246,7 +253,8 @@ def stage_loop(cfg: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 def _progress_of(state: dict) -> dict:
     return {"step": state["step"], "pairs": state["pairs"], "tokens": state["tokens"],
-            "elapsed_s": time.perf_counter() - state["t0"]}
+            "elapsed_s": time.perf_counter() - state["t0"], "data_startup_s": state["data_startup_s"],
+            "data_wait_s": state["data_wait_s"]}
 
 
 def _resume_point(checkpoint, cfg: dict, device: torch.device) -> dict | None:
@@ -313,15 +321,23 @@ def _inject_fault(cfg: dict, step: int, rank: int) -> None:
 
 
 def _timed(batches, state: dict):
-    """The batches, adding the time spent waiting for each to state["data_wait_s"]."""
+    """The batches, adding the time spent waiting for the first to state["data_startup_s"] (and moving
+    the pairs/s clock past it) and for each other to state["data_wait_s"]."""
     it = iter(batches)
+    first = True
     while True:
         t0 = time.perf_counter()
         try:
             batch = next(it)
         except StopIteration:
             return
-        state["data_wait_s"] += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        if first:
+            state["data_startup_s"] += waited
+            state["t0"] += waited
+            first = False
+        else:
+            state["data_wait_s"] += waited
         yield batch
 
 
