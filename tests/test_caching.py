@@ -23,6 +23,7 @@ from sdpo.caching import (
     model_digest,
     multiset_digest,
     pass_key,
+    position_keys,
     read_marker,
     write_marker,
 )
@@ -239,6 +240,27 @@ def test_pass_key_deterministic_and_short():
 ])
 def test_pass_key_changes_with_each_input(field, value):
     assert pass_key(**(BASE_KEY_ARGS | {field: value})) != pass_key(**BASE_KEY_ARGS)
+
+
+def test_pass_key_of_an_ordered_entry_names_its_positions():
+    plain = pass_key(**BASE_KEY_ARGS)
+    ordered = pass_key(**BASE_KEY_ARGS, order="o" * 64)
+    assert ordered != plain and ordered != pass_key(**BASE_KEY_ARGS, order="p" * 64)
+    assert pass_key(**BASE_KEY_ARGS, order=None) == plain  # unordered keys are unchanged
+
+
+def test_position_keys_follow_each_pair_to_its_place():
+    ck, src = np.array([5, 6, 7]), np.array([0, 0, 1])
+    files, lines = ["a.jsonl", "a.jsonl", "b.jsonl"], np.array([0, 1, 0])
+    keys = position_keys(ck, src, files, lines)
+    assert keys.dtype == np.int64 and (keys >= 0).all() and len(set(keys)) == 3
+    perm = [2, 0, 1]  # the same rows in another order: the same multiset
+    assert multiset_digest(position_keys(ck[perm], src[perm], [files[i] for i in perm], lines[perm])) == \
+        multiset_digest(keys)
+    swapped = position_keys(ck, src, files, np.array([1, 0, 0]))  # pairs 5 and 6 trade lines
+    assert multiset_digest(swapped) != multiset_digest(keys)
+    assert multiset_digest(position_keys(ck, np.array([0, 0, 2]), files, lines)) != multiset_digest(keys)
+    assert multiset_digest(position_keys(ck, src, ["a.jsonl", "a.jsonl", "c.jsonl"], lines)) != multiset_digest(keys)
 
 
 @pytest.mark.parametrize("name, value", [

@@ -363,9 +363,9 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
     The per-step pair sets are made identical by giving every row the same pair. Distinct pairs cannot
     be lined up: Ray Train's `streaming_split(2, equal=True)` hands each worker a contiguous half of
     the stream (step k = rows [bk, bk+b) + [n/2+bk, n/2+bk+b) with 2 workers, rows [2bk, 2bk+2b)
-    with 1); periodic data would line up, but the seeded shuffle sorts equal pairs together, and with
-    `shuffle: false` the stored order is not stable (Ray Data 2.60 writes and reads a partition's
-    row groups in a varying order). With one pair everywhere, what is left is float summation order
+    with 1), whatever the order; periodic data would line up in the stored order (`shuffle: false`),
+    but not under the seeded shuffle, which sorts equal pairs together, and the trajectory would then
+    depend on the period. With one pair everywhere, what is left is float summation order
     (DDP's all-reduce vs one sum): measured ≤ 2e-6 relative over 7 steps; the tolerance is 1e-4. A gradient
     scaled by the world size moves grad_norm by 2×; n is odd, so the 2-worker run pads one
     zero-weight row, and a padding row counted as a pair would move its step's grad_norm by
@@ -432,3 +432,95 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
     print("largest difference (absolute below 1, relative above):", diffs)
     assert two[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert max(diffs.values()) < 1e-4, diffs
+
+
+# --------------------------------------------------------------------------------------------------
+# training.shuffle: false — the sources' order, whatever the files' layout
+# --------------------------------------------------------------------------------------------------
+def _scrambled_partition(directory, rows, files):
+    """Write `rows` (dicts of the partition's columns) into parquet files in `files`' order of row
+    indices — a layout unrelated to the rows' positions, as Ray's writer may leave it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True)
+    for name, idx in files.items():
+        pq.write_table(pa.Table.from_pylist([rows[i] for i in idx]), str(directory / name))
+
+
+def test_shuffle_false_reads_a_split_in_its_sources_order(ray_session, tmp_path):
+    """With `shuffle_seed=None` a split is read in its rows' stored positions (source as listed, file by
+    name, line), from the partition and from a reference entry alike, however the files lay them out."""
+    from sdpo.caching import multiset_digest, position_keys
+    from sdpo.ingest import split_dataset
+    from sdpo.passes import order_digest
+
+    # 11 rows: source 1's file, then source 0's two files (b before a), lines out of order within each
+    positions = [(1, "/d/z.jsonl", 0), (1, "/d/z.jsonl", 1), (0, "/d/b.jsonl", 2), (0, "/d/b.jsonl", 0),
+                 (0, "/d/b.jsonl", 1), (0, "/d/a.jsonl", 3), (0, "/d/a.jsonl", 0), (0, "/d/a.jsonl", 1),
+                 (0, "/d/a.jsonl", 2), (1, "/d/y.jsonl", 5), (1, "/d/y.jsonl", 4)]
+    rows = [{"prompt_ids": [i + 1], "chosen_ids": [i + 2, 3], "rejected_ids": [i + 4], "content_key": 1000 + i,
+             "source_index": s, "file": f, "line": ln, "chosen_logps": -float(i), "rejected_logps": -2.0 * i,
+             "chosen_tokens": 2, "rejected_tokens": 1} for i, (s, f, ln) in enumerate(positions)]
+    expected = sorted(range(len(rows)), key=lambda i: positions[i])
+    layout = {"part-0.parquet": [0, 1, 2, 3], "part-1.parquet": [10, 4, 5], "part-2.parquet": [9, 8, 7, 6]}
+    data = tmp_path / "data"
+    partition = [{k: v for k, v in r.items() if not k.endswith(("_logps", "_tokens"))} for r in rows]
+    _scrambled_partition(data / "partitions" / "split=p", partition, layout)
+    entry = tmp_path / "entry"
+    _scrambled_partition(entry, rows, {"x.parquet": [5, 0, 9, 1], "y.parquet": [2, 3, 4, 6, 7, 8, 10]})
+
+    def read(**kw):
+        ds = split_dataset(str(data), "p", num_pairs=len(rows), world_size=1, shuffle_seed=None, **kw)
+        return [b for b in ds.iter_rows()]
+
+    plain = read()
+    assert [r["prompt_ids"][0] - 1 for r in plain] == expected
+    assert set(plain[0]) == {"prompt_ids", "chosen_ids", "rejected_ids", "weight"}  # positions dropped
+    scored = read(reference=str(entry))
+    assert [r["prompt_ids"][0] - 1 for r in scored] == expected
+    assert [r["ref_chosen_logps"] for r in scored] == [-float(i) for i in expected]
+    assert read(with_source=True)[0]["source_index"] == 0
+
+    # the entry's cache key names the pairs *and* their positions: a new layout of the same rows keeps
+    # it, a pair moved to another line changes it
+    digest = order_digest(str(data / "partitions" / "split=p"))
+    again = tmp_path / "again"
+    _scrambled_partition(again, partition, {"only.parquet": list(range(len(rows)))[::-1]})
+    assert order_digest(str(again)) == digest
+    moved = [dict(r) for r in partition]
+    moved[6]["line"], moved[7]["line"] = moved[7]["line"], moved[6]["line"]
+    _scrambled_partition(tmp_path / "moved", moved, layout)
+    assert order_digest(str(tmp_path / "moved")) != digest
+    cols = {k: [r[k] for r in partition] for k in ("content_key", "source_index", "file", "line")}
+    assert digest == multiset_digest(position_keys(cols["content_key"], np.array(cols["source_index"]),
+                                                   cols["file"], np.array(cols["line"])))
+
+
+@pytest.mark.timeout(300)
+def test_shuffle_false_trains_the_pairs_in_file_order(ray_session, tmp_path, shared):
+    """A stage with `shuffle: false` and a precomputed reference trains its pairs in the order of its
+    files and lines: with one pair a step and a learning rate too small to move the model, step k's
+    policy log-prob is the k-th pair's reference log-prob. The reference entry keeps the positions
+    and is keyed on them (another entry than a shuffled stage's)."""
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    words = ["cat", "dog", "bird", "fish", "frog", "bear", "duck", "lion", "wolf", "fox"]
+    lines = [GOOD | {"chosen": f"Once upon a time there was a {w}" + " and a tree" * i} for i, w in enumerate(words)]
+    (src / "part-1.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[5:]))
+    (src / "part-0.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[:5]))
+    spec = {"sources": [{"name": "p", "path": str(src / "*.jsonl")}], "max_length": 96, "max_prompt_length": 24,
+            "eval": {"fraction": 0.0}}
+    summary = run(job(tmp_path, data=spec, scaling={"num_workers": 1},
+                      training={"learning_rate": 1e-12, "batch_size": 1, "logging_steps": 100, "shuffle": False},
+                      reference={"mode": "precompute", "gamma": False}), log=lambda s: None)
+    stage = summary["stages"][0]
+    entry = stage["cache"]["reference"]["path"]
+    table = pq.read_table(entry).to_pandas().sort_values(["file", "line"])
+    assert table["line"].tolist() == [1, 2, 3, 4, 5] * 2 and table["file"].str.endswith("part-0.jsonl")[:5].all()
+    steps = [json.loads(x) for x in (tmp_path / "out" / "stages" / "1" / "trainer_log.jsonl").read_text().splitlines()]
+    assert len(steps) == len(words)
+    np.testing.assert_allclose([s["logps/chosen"] for s in steps], table["chosen_logps"].tolist(), rtol=1e-5)
+    assert len(set(np.round(table["chosen_logps"], 3))) == len(words)  # distinct: the order is pinned down

@@ -54,6 +54,23 @@ def content_key(prompt: Iterable[int], chosen: Iterable[int], rejected: Iterable
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+def position_keys(content_keys: np.ndarray, source_index: np.ndarray, files: list[str], lines: np.ndarray) -> np.ndarray:
+    """One int64 per row for (its content, its source, file and line): `multiset_digest` of these names a
+    set of pairs *and* where each one sits, so an entry that keeps positions is reused only in place."""
+    names = {f: int.from_bytes(hashlib.sha256(f.encode()).digest()[:8], "little") for f in set(files)}
+    x = _mix(np.asarray(content_keys, np.int64).astype(np.uint64) ^ np.array([names[f] for f in files], np.uint64))
+    x = _mix(x ^ (np.asarray(source_index, np.uint64) << np.uint64(40)) ^ np.asarray(lines, np.uint64))
+    return (x >> np.uint64(1)).astype(np.int64)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every input bit moves every output bit."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 def multiset_digest(keys: np.ndarray) -> str:
     """Order-independent digest of a set of rows' content keys (duplicates count)."""
     arr = np.sort(np.asarray(keys, dtype=np.int64))
@@ -100,13 +117,17 @@ def model_digest(path: str, revision: str | None = None) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Keys and entries
 # --------------------------------------------------------------------------------------------------
-def pass_key(*, model: str, data: str, tokenization: dict[str, Any], precision: str, groups: bool = False) -> str:
+def pass_key(*, model: str, data: str, tokenization: dict[str, Any], precision: str, groups: bool = False,
+             order: str | None = None) -> str:
     """The cache key of one scoring pass. Every argument is an input of the result (`groups`: every
-    response of K-response rows is scored, for the listwise losses)."""
+    response of K-response rows is scored, for the listwise losses; `order`: the entry also keeps each
+    row's stored position, for `training.shuffle: false` — the digest of (pair, position) it was made from)."""
     payload = {"scorer": SCORER_VERSION, "model": model, "data": data, "tokenization": tokenization,
                "precision": precision}
     if groups:  # absent for pair passes, so existing keys stay valid
         payload["groups"] = True
+    if order is not None:
+        payload["order"] = order
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -451,10 +451,16 @@ def _with_order(batch: pa.Table, seed: int) -> pa.Table:
     return batch.append_column("_order", pa.array((x >> np.uint64(1)).astype(np.int64)))
 
 
+# A row's position in its sources, kept in the partitions (and in reference entries made for an ordered
+# stage): `training.shuffle: false` trains in this order.
+ORDER_COLUMNS = ("source_index", "file", "line")
+
+
 def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int, shuffle_seed: int | None,
                   with_source: bool = False, reference: str | None = None, groups: bool = False,
                   content_fraction: float | None = None):
-    """A partition as a Ray Dataset, padded with zero-weight rows to a multiple of `world_size`.
+    """A partition as a Ray Dataset, padded with zero-weight rows to a multiple of `world_size`: in a
+    seeded shuffled order, or with `shuffle_seed=None` in its rows' positions in the sources.
 
     With `reference` (a scored entry of this partition, see passes.py) the rows come from there and
     carry `ref_chosen_logps`, `ref_rejected_logps` and the completion token counts. With `groups`
@@ -467,7 +473,10 @@ def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int,
     """
     import ray.data
 
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids", "content_key"] + (["source_index"] if with_source else [])
+    keep = ["source_index"] if with_source else []
+    ordered = shuffle_seed is None  # the stored order: the rows carry their position (ORDER_COLUMNS)
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids", "content_key"] + keep
+    columns += [c for c in ORDER_COLUMNS if ordered and c not in keep]
     if groups:
         columns += ["responses_ids", "rewards", "chosen_index", "rejected_index"]
     if reference is None:
@@ -480,11 +489,14 @@ def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int,
             | ({"group_logps": "ref_group_logps"} if groups else {}))
     if content_fraction is not None:  # a seeded-by-content share of the rows (the probe stage's `fraction`)
         base = base.map_batches(_content_share, fn_kwargs={"fraction": content_fraction}, batch_format="pyarrow")
-    # The shuffled order is a function of the pairs and the seed alone, not of how files or blocks happen
-    # to be laid out: a seeded sort key, then one distributed sort (the cost of a random_shuffle).
-    # (shuffle: false keeps the stored order.)
+    # The order is a function of the pairs (and the seed) alone, not of how files or blocks happen to be
+    # laid out — Ray's Parquet writer keeps no row order — so it is one distributed sort either way:
+    # shuffled, on a seeded key from each pair's content (the cost of a random_shuffle); `shuffle: false`,
+    # on each row's position in its sources (ORDER_COLUMNS: sources as listed, files by name, lines).
     ds = base
-    if shuffle_seed is not None:
+    if ordered:
+        ds = ds.sort(list(ORDER_COLUMNS)).drop_columns([c for c in ORDER_COLUMNS if c not in keep])
+    else:
         # The key is uniform on [0, 2^63): even boundaries need no sampling pass and no 200-way default.
         parts = max(2, -(-num_pairs // _ROWS_PER_SORT_PARTITION))
         bounds = [(i << 63) // parts for i in range(1, parts)]
@@ -493,8 +505,9 @@ def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int,
         ds = ds.drop_columns(["_order"])
     ds = ds.drop_columns(["content_key"]).map_batches(_with_weight, fn_kwargs={"weight": 1.0}, batch_format="pyarrow")
     pad = (-num_pairs) % world_size
+    extra = ["content_key"] + [c for c in ORDER_COLUMNS if ordered and c not in keep]
     while pad > 0:  # a partition smaller than the padding needs its rows more than once
         take = min(pad, num_pairs)
-        ds = ds.union(base.limit(take).drop_columns(["content_key"]).map_batches(_with_weight, fn_kwargs={"weight": 0.0}, batch_format="pyarrow"))
+        ds = ds.union(base.limit(take).drop_columns(extra).map_batches(_with_weight, fn_kwargs={"weight": 0.0}, batch_format="pyarrow"))
         pad -= take
     return ds

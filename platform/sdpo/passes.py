@@ -64,24 +64,32 @@ def _score(ds, model: Any, prefix: str, s: PassSettings, groups: bool = False):
 # --------------------------------------------------------------------------------------------------
 def scored_split(split_dir: str | None, *, model: Any, model_digest: str | None, data_digest: str, num_rows: int,
                  settings: PassSettings, uncached_dir: str, log: Callable[[str], None],
-                 groups: bool = False, rows: Any = None) -> caching.CacheEntry:
+                 groups: bool = False, rows: Any = None, ordered: bool = False) -> caching.CacheEntry:
     """Score every pair of `split_dir` with `model`, or reuse the cached result of an identical pass.
     `groups`: score every response of each row's group too (listwise losses). `rows`: a Ray Dataset of
     the rows (ROW_COLUMNS and content_key) instead of `split_dir` (the training pool before the split);
-    the entry is the same as a split's with the same pairs, so the two share the cache."""
+    the entry is the same as a split's with the same pairs, so the two share the cache. `ordered`: the
+    entry keeps each row's position (`ingest.ORDER_COLUMNS`) for a stage trained in stored order
+    (`training.shuffle: false`), and is reused only where the same pairs sit at the same positions."""
     import ray.data
 
+    from sdpo.ingest import ORDER_COLUMNS
+
+    if ordered and rows is not None:
+        raise ValueError("ordered entries are made from a split's directory, whose rows carry their positions")
     key = None
     if model_digest is not None:
         key = caching.pass_key(model=model_digest, data=data_digest, tokenization=settings.tokenization,
-                               precision=settings.plan.precision, groups=groups)
+                               precision=settings.plan.precision, groups=groups,
+                               order=order_digest(split_dir) if ordered else None)
     path = caching.entry_path(settings.cache_dir, key) if key else uncached_dir
     if key and (marker := caching.read_marker(path)) and marker.get("num_rows") == num_rows:
         return caching.CacheEntry(key, path, "hit", num_rows=num_rows)
     caching.clear(path)
     t0 = time.perf_counter()
     ds = rows if rows is not None else ray.data.read_parquet(
-        split_dir, columns=ROW_COLUMNS + ["content_key"] + (GROUP_COLUMNS if groups else []))
+        split_dir, columns=ROW_COLUMNS + ["content_key"] + (list(ORDER_COLUMNS) if ordered else [])
+        + (GROUP_COLUMNS if groups else []))
     _score(ds, model, "", settings, groups).write_parquet(path)
     seconds = time.perf_counter() - t0
     written = ray.data.read_parquet(path, columns=["content_key"]).count()
@@ -96,6 +104,19 @@ def scored_split(split_dir: str | None, *, model: Any, model_digest: str | None,
             "seconds": seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
     return entry
+
+
+def order_digest(split_dir: str) -> str:
+    """The digest of a split's (pair, position) rows (`caching.position_keys`), read as a stream of four
+    small columns: 8 bytes a pair in the driver, as the ingest's content keys."""
+    import ray.data
+
+    from sdpo.ingest import ORDER_COLUMNS
+
+    parts = [caching.position_keys(b["content_key"], b["source_index"], b["file"].tolist(), b["line"])
+             for b in ray.data.read_parquet(split_dir, columns=["content_key", *ORDER_COLUMNS]).iter_batches(
+                 batch_format="numpy", batch_size=65536)]
+    return caching.multiset_digest(np.concatenate(parts) if parts else np.zeros(0, np.int64))
 
 
 def read_gamma(path: str) -> np.ndarray:

@@ -584,10 +584,12 @@ def reference_passes(prep: Prepared, stage: StagePlan, ref: Any, ref_digest: str
         if same:  # stage 1, or init/reference from the base: one pass serves both
             entries[role] = entries["reference"]
             continue
+        # a stage trained in stored order reads its rows from the reference entry, so it keeps their positions
+        ordered = role == "reference" and job.reference.mode == "precompute" and not job.training.shuffle
         e = scored_split(split_dir, model=model, model_digest=digest, data_digest=prep.digests[stage.partition],
                          num_rows=stage.num_pairs, settings=settings,
                          uncached_dir=storage.join(out, "scores", f"stage{stage.index}-{role}"), log=log,
-                         groups=loss.listwise)
+                         groups=loss.listwise, ordered=ordered)
         speed = f", {e.pairs_per_s:.1f} pairs/s" if e.pairs_per_s else ""
         log(f"stage {stage.index}: {role} pass on {stage.partition!r}: cache {e.status} "
             f"({e.num_rows} pairs{speed}) {e.path}")
