@@ -5,7 +5,9 @@ pairs for a few steps each way, exactly as the stage loop steps (shared-prompt l
 clip, AdamW). Per rank it prints the bytes of training state it holds — parameters, gradients and AdamW
 moments, counted from the tensors themselves (a shard's local part under FSDP) — the peak resident
 memory (CPU) or peak allocated memory (GPU), and seconds per step. With W ranks FSDP should hold ~1/W of
-DDP's state; the step pays the all-gathers and reduce-scatters.
+DDP's state; the step pays the all-gathers and reduce-scatters. For FSDP it also times a mid-stage
+checkpoint both ways: gathered (the whole weights and AdamW state materialised on rank 0, as before) and
+sharded (`sharding.save_sharded`, what the worker writes: each rank its own share, nothing gathered).
 
 Torch only (no Ray). From the repository root:
 
@@ -23,6 +25,7 @@ import os
 import resource
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_pass import SYNTHETIC, _positive, _shared, build_model, setup  # noqa: E402
 
 from sdpo.pair_layout import chunks, collate_shared  # noqa: E402
-from sdpo.sharding import as_float, shard_model  # noqa: E402
+from sdpo.sharding import as_float, full_optimizer_state, full_state_dict, save_sharded, shard_model  # noqa: E402
 from sdpo.training import LossSettings, autocast, build_optimizer, pair_losses  # noqa: E402
 
 LOSS = LossSettings("sigmoid", 0.1, {})
@@ -121,7 +124,40 @@ def run_rank(rank: int, args, mode: str, port: int, results) -> None:
     peak = (torch.cuda.max_memory_allocated(device) if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     results[rank] = {**state, "peak": peak, "step_s": min(times[1:] or times)}
+    if mode == "fsdp":
+        results[rank] = results[rank] | checkpoint_costs(model, optimizer)
     dist.destroy_process_group()
+    # (a rank that used torch.distributed.checkpoint may abort in the interpreter's teardown: see
+    # tests/test_sharding.py; everything is reported, so leave without it)
+    os._exit(0)
+
+
+def tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def checkpoint_costs(model, optimizer) -> dict:
+    """Seconds and bytes this rank holds or writes for one checkpoint, gathered and sharded."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    held = tensor_bytes(full_state_dict(model)) + tensor_bytes(full_optimizer_state(model, optimizer))
+    dist.barrier()
+    gathered_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as d:
+        dist.barrier()
+        t0 = time.perf_counter()
+        save_sharded(model, optimizer, d)
+        dist.barrier()
+        sharded_s = time.perf_counter() - t0
+        written = sum(f.stat().st_size for f in Path(d).iterdir())
+    return {"gathered_mb": held / 2**20, "gathered_s": gathered_s, "sharded_mb": written / 2**20,
+            "sharded_s": sharded_s}
 
 
 def measure(args, mode: str) -> dict:
@@ -156,6 +192,12 @@ def main(argv=None) -> None:
                   f"{total / mb:>9.1f} {x['peak'] / mb:>8.0f} {x['step_s']:>7.2f}")
     print(f"training state per rank, fsdp / ddp: {max(totals['fsdp']) / max(totals['ddp']):.3f} "
           f"(1/{args.world} = {1 / args.world:.3f})")
+    print("fsdp mid-stage checkpoint, per rank: gathered = whole weights + AdamW state held in memory (the "
+          "old format); sharded = own share written (sharding.save_sharded)")
+    for rank in sorted(res):
+        x = res[rank]
+        print(f"  rank {rank}: gathered {x['gathered_mb']:8.1f} MB held, {x['gathered_s']:.2f} s | "
+              f"sharded {x['sharded_mb']:8.1f} MB written, {x['sharded_s']:.2f} s")
 
 
 if __name__ == "__main__":

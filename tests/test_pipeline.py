@@ -356,7 +356,7 @@ def test_hub_dataset_layouts_through_ingest(ray_session, tmp_path, shared):
 # Data parallelism: 2 workers × batch b train exactly like 1 worker × batch 2b
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.timeout(420)
-def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_path, shared):
+def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_path, shared, monkeypatch):
     """One stage with `num_workers: 2, batch_size: b` and with `num_workers: 1, batch_size: 2b` (same
     data, lr, seed): the same loss, margin and gradient-norm trajectory up to float rounding.
 
@@ -377,9 +377,11 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
     gradients are averaged by hand (worker._average_gradients) — a missed all-reduce there would let the
     workers' models diverge and move the last step.
 
-    A third run shards the 2 workers' training state (`parallelism: fsdp`, FSDP2): the same trajectory,
-    a mid-stage checkpoint and the final model gathered from the shards (both Hugging Face models), and
-    final weights equal to the DDP run's up to float rounding. Both 2-worker runs compute the prompt
+    A third run shards the 2 workers' training state (`parallelism: fsdp`, FSDP2), and one of its workers
+    dies after step 4: Ray Train restarts the group from the step-3 checkpoint, which each rank wrote
+    as its own shard (DCP, merged by Ray Train), and the run still has the same trajectory, a final
+    model gathered from the shards (a Hugging Face model), and final weights equal to the DDP run's up
+    to float rounding. Both 2-worker runs compute the prompt
     through the KV cache (`prefix_cache`, three model calls before each backward), the 1-worker run under
     the 4D mask: the layouts agree to float rounding too."""
     b, steps, accum = 4, 7, 2
@@ -387,8 +389,13 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
     src = tmp_path / "same.jsonl"
     src.write_text((json.dumps(GOOD | {"chosen": "Once upon a time there were three cats and a big dog."}) + "\n") * n)
     logs = {}
+    marker = tmp_path / "fault-fired"
     for name, world, parallelism in (("ddp", 2, "ddp"), ("fsdp", 2, "fsdp"), ("one", 1, "ddp")):
         out = tmp_path / name
+        if parallelism == "fsdp":  # read by the driver when the stage starts (pipeline.stage_config)
+            monkeypatch.setenv("SDPO_INJECT_FAULT", f"stage=1,step=4,rank=1,once={marker}")
+        else:
+            monkeypatch.delenv("SDPO_INJECT_FAULT", raising=False)
         spec = {"sources": [{"name": "p", "path": str(src)}], "max_length": 64, "max_prompt_length": 24,
                 "eval": {"fraction": 0.0}}
         summary = run(job(tmp_path, data=spec, output_dir=str(out), scaling={"num_workers": world},
@@ -396,7 +403,7 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
                                     "gradient_accumulation_steps": accum, "logging_steps": 100,
                                     "parallelism": parallelism, "prefix_cache": world == 2},
                           reference={"mode": "online", "gamma": False},
-                          checkpointing={"every_steps": 3 if parallelism == "fsdp" else None}),
+                          checkpointing={"every_steps": 3 if parallelism == "fsdp" else None, "max_failures": 1}),
                       log=lambda s: None)
         stage = summary["stages"][0]
         assert stage["num_pairs"] == n
@@ -408,9 +415,17 @@ def test_two_workers_train_like_one_with_the_same_global_batch(ray_session, tmp_
         assert m["data_wait_fraction"] == pytest.approx(
             m["data_wait_s"] / (m["train_seconds"] - m["data_startup_s"]), rel=0.05)
         logs[name] = [json.loads(x) for x in (out / "stages" / "1" / "trainer_log.jsonl").read_text().splitlines()]
-    # FSDP: the mid-stage checkpoints held the gathered model and optimiser state; the stage's model is whole
-    fsdp_checkpoints = sorted((tmp_path / "fsdp").rglob("train_state.pt"))
-    assert any("optimizer" in torch.load(f, weights_only=False) for f in fsdp_checkpoints), fsdp_checkpoints
+        if parallelism == "fsdp":
+            fsdp_resumed = m["resumed_from_step"]
+    # FSDP: the fault fired and the group resumed from step 3; the mid-stage checkpoints hold every rank's
+    # shard and no gathered state; the stage's model is whole
+    assert marker.exists() and fsdp_resumed == 3
+    indexes = sorted((tmp_path / "fsdp").rglob("sharded/.metadata"))
+    assert indexes, "no sharded checkpoint"
+    for index in indexes:
+        assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in index.parent.iterdir()}
+        assert torch.load(index.parent.parent / "train_state.pt", weights_only=False)["optimizer"] is None
+        assert not (index.parent.parent / "model.safetensors").exists()
     final = {k: weights(tmp_path / k / "stages" / "1" / "model") for k in ("ddp", "fsdp")}
     assert final["fsdp"].keys() == final["ddp"].keys()
     assert max((final["fsdp"][k] - final["ddp"][k]).abs().max().item() for k in final["ddp"]) < 1e-5

@@ -278,7 +278,8 @@ class TrainingConfig(_Strict):
         "ddp", description="ddp: every worker holds the whole model and optimiser state. fsdp: weights, "
         "gradients and AdamW state sharded over the workers, layer by layer (FSDP2; ~16/W bytes a parameter "
         "instead of ~16): for models whose training state does not fit one GPU. Same numerics as ddp in fp32; "
-        "with bf16 the gathered weights are bf16 and gradients are reduced in fp32.",
+        "with bf16 the gathered weights are bf16 and gradients are reduced in fp32. Mid-stage checkpoints are "
+        "written sharded (each worker its own share); the stage's model is saved whole.",
     )
 
 

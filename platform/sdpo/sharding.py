@@ -11,9 +11,14 @@ With bf16 the gathered parameters are bf16 and gradients are reduced in fp32 (`M
 the sharded master weights and optimiser state stay fp32. In fp32 the numerics are DDP's up to float
 summation order (tests/test_sharding.py, tests/test_pipeline.py).
 
-Checkpoints stay whole Hugging Face models: `full_state_dict` gathers the weights to rank 0 (a
-collective: every rank calls it), `full_optimizer_state` the optimiser state; a resumed run loads the
-whole model and re-shards it, then `load_optimizer_state` takes each rank's share of the saved state.
+A stage's model is saved whole, as a Hugging Face model: `full_state_dict` gathers the weights to rank 0
+(a collective: every rank calls it). Mid-stage checkpoints of a sharded run stay sharded:
+`save_sharded` has every rank write its own shard of the weights and of AdamW's state with
+torch.distributed.checkpoint (DCP), so no rank ever holds the whole training state (a 7B model's is
+~112 GB); rank 0 adds the index (`.metadata`). A resumed run loads the stage's initial weights, shards
+them, and `load_sharded` reads each rank's share back — from any number of ranks: DCP re-shards on load.
+`full_optimizer_state` / `load_optimizer_state` move a whole optimiser state (gathered to every rank's
+share), for unsharded runs and tests.
 """
 
 from __future__ import annotations
@@ -93,6 +98,30 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    """Write this rank's shard of the weights and the optimiser state to `directory` (DCP). A collective:
+    every rank calls it, each with a directory of its own if it likes — the files have rank-unique names
+    (`__<rank>_0.distcp`) and rank 0 writes the `.metadata` that indexes them all, so the ranks' folders
+    merged are one checkpoint (what Ray Train does with every rank's reported checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer)
+    dcp.save({"model": weights, "optimizer": optim}, storage_writer=dcp.FileSystemWriter(directory))
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    """Load `save_sharded`'s checkpoint into `model` and `optimizer`, each rank reading its own share
+    (sharded or not, on as many ranks as it likes: DCP re-shards on load). A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    weights, optim = get_state_dict(model, optimizer)  # the layout to fill (AdamW's state initialised)
+    state = {"model": weights, "optimizer": optim}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def as_float(value: Tensor) -> float:

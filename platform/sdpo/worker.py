@@ -10,6 +10,7 @@ evaluation is a separate pass after the stage. The mechanics live in `training.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,6 +38,8 @@ from sdpo.sharding import (
     full_state_dict,
     is_sharded,
     load_optimizer_state,
+    load_sharded,
+    save_sharded,
     shard_model,
 )
 from sdpo.training import (
@@ -60,6 +63,7 @@ from sdpo.training import (
 )
 
 STEP_LOG = "trainer_log.jsonl"
+SHARDED = "sharded"  # a sharded run's mid-stage checkpoint: every rank's shard of weights and AdamW (DCP)
 STAGE_METRICS = "stage_metrics.json"
 TRAIN_STATE = "train_state.pt"
 
@@ -138,8 +142,10 @@ def stage_loop(cfg: dict) -> None:
     bf16 = use_bf16(cfg["precision"], device)
     loss = LossSettings(cfg["loss_type"], cfg["beta"], cfg["loss_options"])
 
-    resume = _resume_point(ray.train.get_checkpoint(), cfg, device)
-    policy = resume["policy"] if resume else _load(cfg["init"], cfg, device)
+    # a sharded checkpoint's folder stays until every rank has read its shard back (below)
+    checkpoint_dir = contextlib.ExitStack()
+    resume = _resume_point(ray.train.get_checkpoint(), cfg, device, checkpoint_dir)
+    policy = resume["policy"] if resume and "policy" in resume else _load(cfg["init"], cfg, device)
     reference = None
     if cfg["reference_mode"] == "online" and loss.needs_reference:
         reference = freeze(_load(cfg["reference"], cfg, device))
@@ -157,7 +163,7 @@ def stage_loop(cfg: dict) -> None:
     fsdp = cfg.get("parallelism") == "fsdp" and world > 1
     if cfg.get("parallelism") == "fsdp" and world == 1:
         _progress(f"[stage {cfg['stage']}] parallelism fsdp with one worker: nothing to shard, training unsharded")
-    if fsdp:  # sharded in place: `policy` is the FSDP module (checkpoints gather it, sharding.full_state_dict)
+    if fsdp:  # sharded in place: `policy` is the FSDP module (mid-stage checkpoints stay sharded, the final model is gathered)
         model = shard_model(policy, device, world, bf16=bf16)
     else:
         model = ray.train.torch.prepare_model(policy) if world > 1 else policy
@@ -183,13 +189,17 @@ def stage_loop(cfg: dict) -> None:
         state.update(step=progress["step"], pairs=progress["pairs"], tokens=progress["tokens"],
                      t0=time.perf_counter() - progress["elapsed_s"],
                      data_startup_s=progress.get("data_startup_s", 0.0), data_wait_s=progress.get("data_wait_s", 0.0))
-        if "optimizer" in resume:
+        if "sharded" in resume:  # the initial weights were sharded above: each rank reads its share
+            load_sharded(model, optimizer, resume["sharded"])
+        elif resume.get("optimizer") is not None:
             load_optimizer_state(model, optimizer, resume["optimizer"])
+        if "scheduler" in resume:  # a mid-stage checkpoint (a stage's final one has nothing to resume)
             scheduler.load_state_dict(resume["scheduler"])
             restore_rng(resume["rng"][rank])
         if rank == 0:
             _progress(f"[stage {cfg['stage']} {cfg['partition']}] resuming from its checkpoint at step "
                       f"{state['step']}/{total} (epoch {start_epoch + 1}, {skip} micro-batches in)")
+    checkpoint_dir.close()
     for epoch in range(start_epoch, cfg["epochs"] if state["step"] < total else start_epoch):
         # The partition is globally shuffled once per stage; later epochs also reshuffle locally, so
         # no two epochs see the same order (every rank still gets the same number of batches).
@@ -257,18 +267,23 @@ def _progress_of(state: dict) -> dict:
             "data_wait_s": state["data_wait_s"]}
 
 
-def _resume_point(checkpoint, cfg: dict, device: torch.device) -> dict | None:
-    """The state saved in this run's latest checkpoint (mid-stage, or the stage's final one), if any."""
+def _resume_point(checkpoint, cfg: dict, device: torch.device, folders: contextlib.ExitStack) -> dict | None:
+    """The state saved in this run's latest checkpoint (mid-stage, or the stage's final one), if any.
+    A sharded run's mid-stage checkpoint holds no whole model: `sharded` names its DCP folder, kept
+    open in `folders` for `sharding.load_sharded` once the model is sharded, and no `policy` is loaded
+    (the stage's initial weights are, then overwritten)."""
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as d:
-        path = Path(d, TRAIN_STATE)
-        if not path.exists():
-            return None
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        saved["log"] = [json.loads(line) for line in Path(d, STEP_LOG).read_text().splitlines() if line]
-        saved["policy"] = load_model(d, dtype=torch.float32, device=device,
-                                     trust_remote_code=cfg["trust_remote_code"])
+    d = folders.enter_context(checkpoint.as_directory())
+    path = Path(d, TRAIN_STATE)
+    if not path.exists():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved["log"] = [json.loads(line) for line in Path(d, STEP_LOG).read_text().splitlines() if line]
+    if Path(d, SHARDED, ".metadata").exists():
+        saved["sharded"] = str(Path(d, SHARDED))
+    else:
+        saved["policy"] = load_model(d, dtype=torch.float32, device=device, trust_remote_code=cfg["trust_remote_code"])
     return saved
 
 
@@ -281,24 +296,31 @@ def _gather(obj: Any, world: int) -> list:
 
 
 def _checkpoint(policy, optimizer, scheduler, log, state, position, rank, world, cfg) -> None:
-    """A mid-stage checkpoint (a barrier: every rank reports, rank 0 with the files)."""
+    """A mid-stage checkpoint (a barrier: every rank reports). Unsharded: rank 0 reports the model and
+    the optimiser state. Sharded: every rank writes its own shard of both (`sharding.save_sharded`) and
+    reports its folder, which Ray Train merges into one checkpoint; nothing is gathered."""
     rngs = _gather(capture_rng(), world)
-    weights, optimizer_state = full_state_dict(policy), full_optimizer_state(policy, optimizer)  # collectives
+    sharded = is_sharded(policy)
     metrics = {"checkpoint_step": state["step"]}
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        policy.save_pretrained(tmp, state_dict=weights)
-        torch.save(train_state(optimizer_state, scheduler, rng=rngs, progress=_progress_of(state), position=position),
-                   Path(tmp, TRAIN_STATE))
-        Path(tmp, STEP_LOG).write_text("".join(json.dumps(e) + "\n" for e in log))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if sharded:
+            save_sharded(policy, optimizer, str(Path(tmp, SHARDED)))  # a collective
+            weights, optimizer_state = None, None
+        else:
+            weights, optimizer_state = full_state_dict(policy), full_optimizer_state(policy, optimizer)
+        if rank == 0:
+            if not sharded:
+                policy.save_pretrained(tmp, state_dict=weights)
+            torch.save(train_state(optimizer_state, scheduler, rng=rngs, progress=_progress_of(state),
+                                   position=position), Path(tmp, TRAIN_STATE))
+            Path(tmp, STEP_LOG).write_text("".join(json.dumps(e) + "\n" for e in log))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 or sharded else None)
+    if rank != 0:
+        return
     # The controller registers reports when it next polls the workers (every ~2 s): until then a crash
     # would lose this checkpoint. Wait until it is committed, so a checkpoint logged is one that counts.
     ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
-    if rank == 0:
-        _progress(f"[stage {cfg['stage']} {cfg['partition']}] checkpoint at step {state['step']} committed")
+    _progress(f"[stage {cfg['stage']} {cfg['partition']}] checkpoint at step {state['step']} committed")
 
 
 def _inject_fault(cfg: dict, step: int, rank: int) -> None:
