@@ -58,12 +58,12 @@ def position_keys(content_keys: np.ndarray, source_index: np.ndarray, files: lis
     """One int64 per row for (its content, its source, file and line): `multiset_digest` of these names a
     set of pairs *and* where each one sits, so an entry that keeps positions is reused only in place."""
     names = {f: int.from_bytes(hashlib.sha256(f.encode()).digest()[:8], "little") for f in set(files)}
-    x = _mix(np.asarray(content_keys, np.int64).astype(np.uint64) ^ np.array([names[f] for f in files], np.uint64))
-    x = _mix(x ^ (np.asarray(source_index, np.uint64) << np.uint64(40)) ^ np.asarray(lines, np.uint64))
+    x = mix64(np.asarray(content_keys, np.int64).astype(np.uint64) ^ np.array([names[f] for f in files], np.uint64))
+    x = mix64(x ^ (np.asarray(source_index, np.uint64) << np.uint64(40)) ^ np.asarray(lines, np.uint64))
     return (x >> np.uint64(1)).astype(np.int64)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: every input bit moves every output bit."""
     with np.errstate(over="ignore"):
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.datasource import FileBasedDatasource
 
-from sdpo.caching import content_key, multiset_digest
+from sdpo.caching import content_key, mix64, multiset_digest
 from sdpo.config import ConfigError
 from sdpo.inputs import file_format
 from sdpo.partition import DROPPED, EVAL, UNUSED, PartitionSpec, row_keys
@@ -444,10 +444,7 @@ def _with_order(batch: pa.Table, seed: int) -> pa.Table:
     """A seeded pseudo-random sort key from each pair's content (splitmix64 of content_key ^ seed)."""
     x = batch.column("content_key").to_numpy().astype(np.uint64) ^ np.uint64(seed & (2**64 - 1))
     with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
+        x = mix64(x + np.uint64(0x9E3779B97F4A7C15))
     return batch.append_column("_order", pa.array((x >> np.uint64(1)).astype(np.int64)))
 
 
@@ -475,8 +472,8 @@ def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int,
 
     keep = ["source_index"] if with_source else []
     ordered = shuffle_seed is None  # the stored order: the rows carry their position (ORDER_COLUMNS)
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids", "content_key"] + keep
-    columns += [c for c in ORDER_COLUMNS if ordered and c not in keep]
+    positions = [c for c in ORDER_COLUMNS if ordered and c not in keep]  # read to sort on, then dropped
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids", "content_key"] + keep + positions
     if groups:
         columns += ["responses_ids", "rewards", "chosen_index", "rejected_index"]
     if reference is None:
@@ -495,7 +492,7 @@ def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int,
     # on each row's position in its sources (ORDER_COLUMNS: sources as listed, files by name, lines).
     ds = base
     if ordered:
-        ds = ds.sort(list(ORDER_COLUMNS)).drop_columns([c for c in ORDER_COLUMNS if c not in keep])
+        ds = ds.sort(list(ORDER_COLUMNS)).drop_columns(positions)
     else:
         # The key is uniform on [0, 2^63): even boundaries need no sampling pass and no 200-way default.
         parts = max(2, -(-num_pairs // _ROWS_PER_SORT_PARTITION))
@@ -505,9 +502,8 @@ def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int,
         ds = ds.drop_columns(["_order"])
     ds = ds.drop_columns(["content_key"]).map_batches(_with_weight, fn_kwargs={"weight": 1.0}, batch_format="pyarrow")
     pad = (-num_pairs) % world_size
-    extra = ["content_key"] + [c for c in ORDER_COLUMNS if ordered and c not in keep]
     while pad > 0:  # a partition smaller than the padding needs its rows more than once
         take = min(pad, num_pairs)
-        ds = ds.union(base.limit(take).drop_columns(extra).map_batches(_with_weight, fn_kwargs={"weight": 0.0}, batch_format="pyarrow"))
+        ds = ds.union(base.limit(take).drop_columns(["content_key"] + positions).map_batches(_with_weight, fn_kwargs={"weight": 0.0}, batch_format="pyarrow"))
         pad -= take
     return ds

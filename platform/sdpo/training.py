@@ -239,8 +239,8 @@ def restore_rng(state: dict) -> None:
 
 def train_state(optimizer_state: dict | None, scheduler, *, rng: list[dict], progress: dict, position: dict) -> dict:
     """A mid-stage checkpoint's trainer state. `optimizer_state`: the optimiser's whole state (its
-    state_dict), or None where it is saved sharded beside (sharding.save_sharded, under fsdp); `progress`: optimiser steps, pairs and tokens
-    so far and the elapsed seconds; `position`: where the data stream stands — the epoch and the
+    state_dict), or None where it is saved sharded beside (sharding.save_sharded, under fsdp);
+    `progress`: optimiser steps, pairs and tokens so far and the elapsed seconds; `position`: where the data stream stands — the epoch and the
     micro-batches of it every rank has consumed (ranks stay in step, so one position serves all); `rng`:
     one state per rank."""
     return {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng,

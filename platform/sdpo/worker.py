@@ -34,7 +34,6 @@ from sdpo.prefix_cache import collate_prefix
 from sdpo.scoring import load_model
 from sdpo.sharding import (
     as_float,
-    full_optimizer_state,
     full_state_dict,
     is_sharded,
     load_optimizer_state,
@@ -163,7 +162,8 @@ def stage_loop(cfg: dict) -> None:
     fsdp = cfg.get("parallelism") == "fsdp" and world > 1
     if cfg.get("parallelism") == "fsdp" and world == 1:
         _progress(f"[stage {cfg['stage']}] parallelism fsdp with one worker: nothing to shard, training unsharded")
-    if fsdp:  # sharded in place: `policy` is the FSDP module (mid-stage checkpoints stay sharded, the final model is gathered)
+    if fsdp:  # sharded in place: `policy` is the FSDP module (mid-stage checkpoints stay sharded; the
+        # stage's final model is gathered, sharding.full_state_dict)
         model = shard_model(policy, device, world, bf16=bf16)
     else:
         model = ray.train.torch.prepare_model(policy) if world > 1 else policy
@@ -305,14 +305,11 @@ def _checkpoint(policy, optimizer, scheduler, log, state, position, rank, world,
     with tempfile.TemporaryDirectory() as tmp:
         if sharded:
             save_sharded(policy, optimizer, str(Path(tmp, SHARDED)))  # a collective
-            weights, optimizer_state = None, None
-        else:
-            weights, optimizer_state = full_state_dict(policy), full_optimizer_state(policy, optimizer)
         if rank == 0:
-            if not sharded:
-                policy.save_pretrained(tmp, state_dict=weights)
-            torch.save(train_state(optimizer_state, scheduler, rng=rngs, progress=_progress_of(state),
-                                   position=position), Path(tmp, TRAIN_STATE))
+            if not sharded:  # every rank holds the whole model and optimiser state: rank 0 saves them
+                policy.save_pretrained(tmp)
+            torch.save(train_state(None if sharded else optimizer.state_dict(), scheduler, rng=rngs,
+                                   progress=_progress_of(state), position=position), Path(tmp, TRAIN_STATE))
             Path(tmp, STEP_LOG).write_text("".join(json.dumps(e) + "\n" for e in log))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 or sharded else None)
     if rank != 0:
