@@ -29,7 +29,9 @@ def ray_session(tmp_path_factory):
     import ray
     from ray.data import DataContext
 
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
+    from sdpo.pipeline import local_ray_options
+
+    ray.init(num_cpus=4, include_dashboard=False, **local_ray_options(4), object_store_memory=300 * 1024 * 1024,
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=True)
     DataContext.get_current().enable_progress_bars = False
     yield ray

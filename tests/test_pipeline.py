@@ -188,6 +188,16 @@ def test_final_model_loads_with_transformers(two_stage):
 # --------------------------------------------------------------------------------------------------
 # init: base, reference.mode: online, and the cache across stages and runs
 # --------------------------------------------------------------------------------------------------
+def test_parquet_reads_start_no_actor_pool_per_read(two_stage):
+    """Every parquet read of the run (partitions, reference entries, held-out rows) listed its files in
+    reused task workers: Ray 2.60's default Parquet reader starts 32 FooterReader actors per read."""
+    import ray._private.state
+
+    classes = [a["ActorClassName"] for a in ray._private.state.actors().values()]
+    assert "PairScorer" in " ".join(classes)  # the table does hold this module's actors
+    assert not [c for c in classes if "FooterReader" in c]
+
+
 def twin_job(tmp_path, out):
     """Two sources that are the same file: partitions `a` and `b` hold identical pairs (no eval split),
     so stage 2's base-model pass on `b` is the very pass stage 1 ran on `a`."""

@@ -404,7 +404,9 @@ def ray_s3(s3_server, tmp_path_factory):
     import ray
     from ray.data import DataContext
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
+    from sdpo.pipeline import local_ray_options
+
+    ray.init(num_cpus=2, include_dashboard=False, **local_ray_options(2), object_store_memory=200 * 2**20,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     DataContext.get_current().enable_progress_bars = False
     yield ray

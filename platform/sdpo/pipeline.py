@@ -181,6 +181,18 @@ def prepare_output(out: str, overwrite: bool, resume: bool = False) -> None:
 # --------------------------------------------------------------------------------------------------
 # Ray
 # --------------------------------------------------------------------------------------------------
+def local_ray_options(num_cpus: int | None = None) -> dict[str, Any]:
+    """`ray.init` options for a local instance that sdpo (or a test) starts.
+
+    Ray keeps at most `num_workers_soft_limit` worker processes (default: the CPU count) and kills idle
+    workers above it. A stage's Ray Train and Ray Data actors (controller, worker, dataset manager,
+    split coordinator, ...) hold workers while using no CPU, so on a small machine every Ray Data
+    execution found its task workers killed and started new ones: 39 Python processes started, each
+    ~1 s of CPU, for the 2-stage quickstart. Room for those actors keeps the task workers alive."""
+    cpus = num_cpus or os.cpu_count() or 1
+    return {"_system_config": {"num_workers_soft_limit": cpus + 8}}
+
+
 def init_ray(address: str | None) -> None:
     import ray
     from ray.data import DataContext
@@ -191,9 +203,16 @@ def init_ray(address: str | None) -> None:
             import sdpo
 
             kwargs["runtime_env"] = {"py_modules": [os.path.dirname(sdpo.__file__)]}
+        if not address:
+            kwargs |= local_ray_options()
         ray.init(address=address, **kwargs)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
+    # Ray 2.60's Parquet reader (V2) starts a pool of FooterReader actors — up to 32 new processes —
+    # for every read_parquet, and kills them after listing. sdpo reads a few parquet directories per
+    # stage (partitions, reference entries, held-out rows), so that was ~45 process starts for the
+    # quickstart, a fifth of its time on 2 cores. The V1 reader lists footers in reused task workers.
+    ctx.use_datasource_v2 = False
     # Blocks leave every operator in a deterministic order: a seeded run trains on the same batches,
     # so a rerun reproduces its stage models bit for bit and hits the reference cache.
     ctx.execution_options.preserve_order = True

@@ -103,7 +103,7 @@ def run_tune(space_file: str, *, output: str | None = None, address: str | None 
     import ray
     from ray import tune
 
-    from sdpo.pipeline import init_ray
+    from sdpo.pipeline import init_ray, local_ray_options
     from sdpo.plan import PlanError
     from sdpo.tune_results import plan_trials
     from sdpo.tuning import load_space
@@ -116,7 +116,8 @@ def run_tune(space_file: str, *, output: str | None = None, address: str | None 
         # A local instance on a small machine: a trial's driver, worker, inference actor and Ray Data each
         # need a CPU slot, so offer at least 4 logical CPUs (they time-share the cores; trials run one at
         # a time there). A cluster is taken as it is.
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
+        cpus = max(4, os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, log_to_driver=True, **local_ray_options(cpus))
     init_ray(address)
     s = base.scaling
     try:
