@@ -26,6 +26,15 @@ def test_core_imports_without_ray():
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
+def test_data_modules_import_without_torch():
+    """Ray Data's task workers import the modules of the functions they run (ingest's read, split and
+    shuffle-key functions) in every fresh worker process: without torch that is ~0.9 s and ~180 MB less
+    each."""
+    code = ("import sys; import sdpo.ingest, sdpo.config, sdpo.rows, sdpo.partition, sdpo.caching; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
 def test_platform_folder_is_not_a_package():
     assert not (ROOT / "platform" / "__init__.py").exists()
     import platform

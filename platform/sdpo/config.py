@@ -367,7 +367,7 @@ class JobConfig(_Strict):
     init: Literal["previous", "base"] = Field(
         "previous", description="Stage t starts from M_{t-1} (sDPO) or from the base model (ablation)."
     )
-    loss: LossConfig = LossConfig()
+    loss: LossConfig = Field(default_factory=LossConfig)  # validating it imports torch (the loss registry)
     reference: ReferenceConfig = ReferenceConfig()
     training: TrainingConfig = TrainingConfig()
     scaling: ScalingConfig = ScalingConfig()
