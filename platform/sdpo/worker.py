@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,56 @@ class GroupCollate(NumpyBatchCollateFn):
         return out
 
 
+class DeferredCollate(NumpyBatchCollateFn):
+    """A collate function whose settings are known only once the model has loaded (the shared-prompt
+    layout depends on its attention). Ray Data's prefetch threads may call it before that: they wait
+    here while the read and shuffle upstream go on."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._collate: Any = None
+
+    def resolve(self, collate: Any) -> None:
+        self._collate = collate
+        self._ready.set()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        self._ready.wait()
+        return self._collate(batch)
+
+
+def _never_collated(batch: Any) -> Any:
+    raise RuntimeError("the stage stopped before training: this batch was read ahead and is not used")
+
+
+class Primed:
+    """An iterable whose first item is fetched now, in a thread, so that the stream's start-up (for a
+    stage's partition: the read and the shuffle's all-to-all sort) overlaps whatever the caller does
+    next (loading the models). Iterating it yields the same items in the same order."""
+
+    def __init__(self, iterable: Any):
+        self._it = iter(iterable)
+        self._head: list = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._pull, name="sdpo-prime-data", daemon=True)
+        self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._head.append(next(self._it))
+        except StopIteration:
+            pass
+        except BaseException as err:  # raised in the consumer's thread, where it can fail the stage
+            self._error = err
+
+    def __iter__(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._head
+        yield from self._it
+
+
 def _load(ref: Any, cfg: dict, device: torch.device) -> torch.nn.Module:
     return load_model(ref, dtype=torch.float32, device=device, revision=cfg.get("revision"),
                       trust_remote_code=cfg["trust_remote_code"])
@@ -141,13 +192,25 @@ def stage_loop(cfg: dict) -> None:
     bf16 = use_bf16(cfg["precision"], device)
     loss = LossSettings(cfg["loss_type"], cfg["beta"], cfg["loss_options"])
 
-    # a sharded checkpoint's folder stays until every rank has read its shard back (below)
-    checkpoint_dir = contextlib.ExitStack()
-    resume = _resume_point(ray.train.get_checkpoint(), cfg, device, checkpoint_dir)
-    policy = resume["policy"] if resume and "policy" in resume else _load(cfg["init"], cfg, device)
-    reference = None
-    if cfg["reference_mode"] == "online" and loss.needs_reference:
-        reference = freeze(_load(cfg["reference"], cfg, device))
+    shard = ray.train.get_dataset_shard("train")
+    checkpoint = ray.train.get_checkpoint()
+    # A fresh stage starts its first epoch's stream now: reading the partition and the shuffle's sort
+    # run while the models load. The collate settings follow the load (DeferredCollate). A resumed
+    # stage starts its stream in the loop, from the epoch its checkpoint names.
+    deferred, primed = DeferredCollate(), None
+    if checkpoint is None and cfg["epochs"] > 0 and cfg["total_steps"] > 0:
+        primed = Primed(_epoch_batches(shard, cfg, 0, deferred))
+    try:
+        # a sharded checkpoint's folder stays until every rank has read its shard back (below)
+        checkpoint_dir = contextlib.ExitStack()
+        resume = _resume_point(checkpoint, cfg, device, checkpoint_dir)
+        policy = resume["policy"] if resume and "policy" in resume else _load(cfg["init"], cfg, device)
+        reference = None
+        if cfg["reference_mode"] == "online" and loss.needs_reference:
+            reference = freeze(_load(cfg["reference"], cfg, device))
+    except BaseException:
+        deferred.resolve(_never_collated)  # the read-ahead thread must not wait forever
+        raise
     # Proof the reference stays frozen and is exactly M_{t-1}; rank 0 alone writes the stage metrics.
     reference_digest = fingerprint(reference) if rank == 0 and reference is not None else None
     policy.train()
@@ -160,6 +223,10 @@ def stage_loop(cfg: dict) -> None:
     # the prompt through the KV cache (prefix_cache.py); gradient checkpointing drops the cache
     prefix = shared and bool(cfg.get("prefix_cache")) and not cfg.get("gradient_checkpointing")
     fsdp = cfg.get("parallelism") == "fsdp" and world > 1
+    # FSDP: every chunk's forward and backward are collectives, so all ranks cut alike (equal split:
+    # every rank's micro-batch has the same rows). DDP syncs once a window whatever the count.
+    deferred.resolve(GroupCollate() if loss.listwise else PairCollate(
+        shared, cfg.get("length_splits", 1), fsdp, prefix=prefix))
     if cfg.get("parallelism") == "fsdp" and world == 1:
         _progress(f"[stage {cfg['stage']}] parallelism fsdp with one worker: nothing to shard, training unsharded")
     if fsdp:  # sharded in place: `policy` is the FSDP module (mid-stage checkpoints stay sharded; the
@@ -174,7 +241,6 @@ def stage_loop(cfg: dict) -> None:
     warmup = math.ceil(cfg["warmup_ratio"] * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg["lr_scheduler"], warmup, total))
     accum = cfg["gradient_accumulation_steps"]
-    shard = ray.train.get_dataset_shard("train")
 
     log: list[dict] = []
     # window = [real pairs, weighted metric sums..., non-padding tokens] for the current optimiser step
@@ -201,19 +267,7 @@ def stage_loop(cfg: dict) -> None:
                       f"{state['step']}/{total} (epoch {start_epoch + 1}, {skip} micro-batches in)")
     checkpoint_dir.close()
     for epoch in range(start_epoch, cfg["epochs"] if state["step"] < total else start_epoch):
-        # The partition is globally shuffled once per stage; later epochs also reshuffle locally, so
-        # no two epochs see the same order (every rank still gets the same number of batches).
-        reshuffle = cfg["shuffle"] and epoch > 0
-        batches = shard.iter_torch_batches(
-            batch_size=cfg["batch_size"],
-            # FSDP: every chunk's forward and backward are collectives, so all ranks cut alike (equal
-            # split: every rank's micro-batch has the same rows). DDP syncs once a window whatever the count.
-            collate_fn=GroupCollate() if loss.listwise else PairCollate(
-                shared, cfg.get("length_splits", 1), fsdp, prefix=prefix),
-            prefetch_batches=2,
-            local_shuffle_buffer_size=8 * cfg["batch_size"] if reshuffle else None,
-            local_shuffle_seed=cfg["seed"] * 100 + epoch if reshuffle else None,
-        )
+        batches = primed if primed is not None and epoch == 0 else _epoch_batches(shard, cfg, epoch, deferred)
         micro = 0
         for micro, batch in enumerate(_timed(batches, state), start=1):
             if epoch == start_epoch and micro <= skip:
@@ -337,6 +391,18 @@ def _inject_fault(cfg: dict, step: int, rank: int) -> None:
         Path(marker).write_text(f"fired at stage {cfg['stage']} step {step} rank {rank}\n")
     _progress(f"[stage {cfg['stage']}] injected fault: rank {rank} exits at step {step}")
     os._exit(1)
+
+
+def _epoch_batches(shard, cfg: dict, epoch: int, collate: Any):
+    """One epoch of this worker's shard as collated tensors, two batches prefetched. The partition is
+    globally shuffled once per stage; later epochs also reshuffle locally, so no two epochs see the same
+    order (every rank still gets the same number of batches)."""
+    reshuffle = cfg["shuffle"] and epoch > 0
+    return shard.iter_torch_batches(
+        batch_size=cfg["batch_size"], collate_fn=collate, prefetch_batches=2,
+        local_shuffle_buffer_size=8 * cfg["batch_size"] if reshuffle else None,
+        local_shuffle_seed=cfg["seed"] * 100 + epoch if reshuffle else None,
+    )
 
 
 def _timed(batches, state: dict):
