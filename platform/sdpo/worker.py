@@ -208,25 +208,25 @@ def stage_loop(cfg: dict) -> None:
         reference = None
         if cfg["reference_mode"] == "online" and loss.needs_reference:
             reference = freeze(_load(cfg["reference"], cfg, device))
+        # Proof the reference stays frozen and is exactly M_{t-1}; rank 0 alone writes the stage metrics.
+        reference_digest = fingerprint(reference) if rank == 0 and reference is not None else None
+        policy.train()
+        if cfg.get("gradient_checkpointing"):
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        shared = bool(cfg.get("shared_prompt")) and not loss.listwise and supports_shared_prompt(policy)
+        if cfg.get("shared_prompt") and not shared and rank == 0 and not loss.listwise:
+            _progress(f"[stage {cfg['stage']}] shared_prompt needs sdpa or eager attention; this model uses "
+                      f"{policy.config._attn_implementation!r}: two rows per pair instead")
+        # the prompt through the KV cache (prefix_cache.py); gradient checkpointing drops the cache
+        prefix = shared and bool(cfg.get("prefix_cache")) and not cfg.get("gradient_checkpointing")
+        fsdp = cfg.get("parallelism") == "fsdp" and world > 1
+        # FSDP: every chunk's forward and backward are collectives, so all ranks cut alike (equal split:
+        # every rank's micro-batch has the same rows). DDP syncs once a window whatever the count.
+        deferred.resolve(GroupCollate() if loss.listwise else PairCollate(
+            shared, cfg.get("length_splits", 1), fsdp, prefix=prefix))
     except BaseException:
         deferred.resolve(_never_collated)  # the read-ahead thread must not wait forever
         raise
-    # Proof the reference stays frozen and is exactly M_{t-1}; rank 0 alone writes the stage metrics.
-    reference_digest = fingerprint(reference) if rank == 0 and reference is not None else None
-    policy.train()
-    if cfg.get("gradient_checkpointing"):
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    shared = bool(cfg.get("shared_prompt")) and not loss.listwise and supports_shared_prompt(policy)
-    if cfg.get("shared_prompt") and not shared and rank == 0 and not loss.listwise:
-        _progress(f"[stage {cfg['stage']}] shared_prompt needs sdpa or eager attention; this model uses "
-                  f"{policy.config._attn_implementation!r}: two rows per pair instead")
-    # the prompt through the KV cache (prefix_cache.py); gradient checkpointing drops the cache
-    prefix = shared and bool(cfg.get("prefix_cache")) and not cfg.get("gradient_checkpointing")
-    fsdp = cfg.get("parallelism") == "fsdp" and world > 1
-    # FSDP: every chunk's forward and backward are collectives, so all ranks cut alike (equal split:
-    # every rank's micro-batch has the same rows). DDP syncs once a window whatever the count.
-    deferred.resolve(GroupCollate() if loss.listwise else PairCollate(
-        shared, cfg.get("length_splits", 1), fsdp, prefix=prefix))
     if cfg.get("parallelism") == "fsdp" and world == 1:
         _progress(f"[stage {cfg['stage']}] parallelism fsdp with one worker: nothing to shard, training unsharded")
     if fsdp:  # sharded in place: `policy` is the FSDP module (mid-stage checkpoints stay sharded; the
