@@ -73,18 +73,19 @@ def measure(variant: str, job: str) -> dict:
     before = set(os.listdir("/proc")) if proc_fs else set()
     seen: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="sdpo-overhead-") as out:
+        log_path = Path(out, "run.log")  # a file, not a pipe: a run's log could fill a pipe nobody reads yet
         t0 = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-c", CHILD, variant, job, out], cwd=ROOT, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        while child.poll() is None:
-            if proc_fs:
-                _new_ray_workers(seen, before)
-            time.sleep(0.05)
+        with log_path.open("w") as log:
+            child = subprocess.Popen([sys.executable, "-c", CHILD, variant, job, str(Path(out, "run"))], cwd=ROOT,
+                                     env=env, stdout=log, stderr=subprocess.STDOUT)
+            while child.poll() is None:
+                if proc_fs:
+                    _new_ray_workers(seen, before)
+                time.sleep(0.05)
         wall = time.perf_counter() - t0
-        log = child.stdout.read()
         if child.returncode != 0:
-            sys.exit(f"{variant}: sdpo run failed ({child.returncode}):\n{log[-4000:]}")
-        summary = json.loads(Path(out, "summary.json").read_text())
+            sys.exit(f"{variant}: sdpo run failed ({child.returncode}):\n{log_path.read_text()[-4000:]}")
+        summary = json.loads(Path(out, "run", "summary.json").read_text())
     workers = sum("default_worker.py" in cmd for cmd in seen.values())
     stages = [{"stage": s["index"], "wall_s": s["metrics"].get("wall_seconds"), "data_startup_s": s["metrics"].get("data_startup_s"),
                "pairs_per_s": s["metrics"].get("pairs_per_s"),

@@ -200,9 +200,9 @@ def stage_loop(cfg: dict) -> None:
     deferred, primed = DeferredCollate(), None
     if checkpoint is None and cfg["epochs"] > 0 and cfg["total_steps"] > 0:
         primed = Primed(_epoch_batches(shard, cfg, 0, deferred))
+    # a sharded checkpoint's folder stays until every rank has read its shard back (below)
+    checkpoint_dir = contextlib.ExitStack()
     try:
-        # a sharded checkpoint's folder stays until every rank has read its shard back (below)
-        checkpoint_dir = contextlib.ExitStack()
         resume = _resume_point(checkpoint, cfg, device, checkpoint_dir)
         policy = resume["policy"] if resume and "policy" in resume else _load(cfg["init"], cfg, device)
         reference = None
@@ -226,6 +226,7 @@ def stage_loop(cfg: dict) -> None:
             shared, cfg.get("length_splits", 1), fsdp, prefix=prefix))
     except BaseException:
         deferred.resolve(_never_collated)  # the read-ahead thread must not wait forever
+        checkpoint_dir.close()
         raise
     if cfg.get("parallelism") == "fsdp" and world == 1:
         _progress(f"[stage {cfg['stage']}] parallelism fsdp with one worker: nothing to shard, training unsharded")
