@@ -304,7 +304,7 @@ def test_entry_path():
 def test_cache_entry_to_dict():
     e = CacheEntry("k", "/p")
     assert e.to_dict() == {"key": "k", "path": "/p", "status": "miss", "seconds": 0.0, "pairs_per_s": None,
-                           "num_rows": None}
+                           "num_rows": None, "scored_with": []}
 
 
 def test_marker_round_trip_leaves_no_temporary_files(tmp_path):

@@ -136,6 +136,64 @@ def test_held_out_evaluation(two_stage):
     assert m2["eval/num_pairs"] == n["orca"] + n["ultrafeedback"]
 
 
+def _content_keys(path) -> list[int]:
+    import pyarrow.parquet as pq
+
+    return sorted(pq.read_table(path, columns=["content_key"]).column(0).to_pylist())
+
+
+def test_passes_of_one_model_share_one_pass(two_stage):
+    """The base model's held-out pass also scored stage 1's partition and, for gamma, stage 2's; stage 1's
+    held-out pass also scored stage 2's reference pass. Every output holds exactly its own rows, scored by
+    its own model."""
+    import pyarrow.parquet as pq
+
+    out, summary = two_stage
+    s1, s2 = summary["stages"]
+    assert s1["cache"]["reference"]["status"] == s2["cache"]["reference"]["status"] == "miss"
+    assert s1["cache"]["reference"]["scored_with"] == [
+        "the held-out pass of the base model", "stage 2's base pass on 'ultrafeedback'"]
+    assert s2["cache"]["base"]["scored_with"] == [
+        "the held-out pass of the base model", "stage 1's reference pass on 'orca'"]
+    assert s2["cache"]["reference"]["scored_with"] == ["the held-out pass of stage 1"]
+    data = out / "data" / "partitions"
+    assert _content_keys(s1["cache"]["reference"]["path"]) == _content_keys(data / "split=orca")
+    for role in ("reference", "base"):
+        assert _content_keys(s2["cache"][role]["path"]) == _content_keys(data / "split=ultrafeedback")
+    for t in (0, 1, 2):
+        assert _content_keys(out / "eval" / f"model_{t}") == _content_keys(data / "split=_eval")
+    rows = pq.read_table(out / "eval" / "model_1").slice(0, 5).to_pydict()
+    expected = score_pairs(AutoModelForCausalLM.from_pretrained(s1["model"]),
+                           *[rows[c] for c in ("prompt_ids", "chosen_ids", "rejected_ids")], device=torch.device("cpu"))
+    assert expected["chosen_logps"] == pytest.approx(rows["chosen_logps"], abs=1e-4)
+    assert expected["rejected_logps"] == pytest.approx(rows["rejected_logps"], abs=1e-4)
+
+
+def test_held_out_tables_are_joined_on_the_rows_not_their_order(two_stage, tmp_path):
+    import pyarrow.parquet as pq
+
+    from sdpo.passes import eval_metrics
+
+    out, summary = two_stage
+    s2 = summary["stages"][1]
+    table = pq.read_table(out / "eval" / "model_2")
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    pq.write_table(table.take(np.random.default_rng(0).permutation(table.num_rows)), shuffled / "part.parquet")
+    kw = dict(loss_type="sigmoid", beta=0.1, options={}, sources=["orca", "ultrafeedback"])
+    tables = {"policy": str(out / "eval" / "model_2"), "reference": str(out / "eval" / "model_1"),
+              "base": str(out / "eval" / "model_0")}
+    metrics = eval_metrics(tables, **kw)
+    assert metrics == pytest.approx({k: v for k, v in s2["metrics"].items() if k.startswith("eval/")})
+    assert eval_metrics(tables | {"policy": str(shuffled)}, **kw) == pytest.approx(metrics)
+    short = tmp_path / "short"
+    short.mkdir()
+    pq.write_table(table.slice(1), short / "part.parquet")
+    assert table.num_rows == 8
+    with pytest.raises(RuntimeError, match=r"short \(7 rows\) and .*model_1 \(8 rows\) do not hold the same rows"):
+        eval_metrics(tables | {"policy": str(short)}, **kw)
+
+
 def test_report_is_written_and_matches_the_summary(two_stage):
     out, summary = two_stage
     assert (out / "report.md").is_file()

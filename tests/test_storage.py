@@ -241,6 +241,17 @@ def test_local_check_writable_and_tree_ops(tmp_path):
         storage.tree_checksum(tmp_path / "missing")
 
 
+def test_local_move_dir_renames_the_folder(tmp_path):
+    src = _make_tree(tmp_path / "work" / "_target=t0")
+    before = storage.tree_checksum(src)
+    inode = os.stat(os.path.join(src, "sub", "deep", "weights.bin")).st_ino
+    dst = tmp_path / "cache" / "scores" / "key"  # its parent does not exist yet
+    storage.move_dir(src, dst)
+    assert not os.path.exists(src)
+    assert storage.tree_checksum(dst) == before
+    assert os.stat(dst / "sub" / "deep" / "weights.bin").st_ino == inode, "a rename, not a copy"
+
+
 def _make_tree(root) -> str:
     os.makedirs(os.path.join(root, "sub", "deep"))
     with open(os.path.join(root, "config.json"), "w") as f:
@@ -304,6 +315,19 @@ def test_s3_trees_round_trip_with_equal_checksums(bucket, tmp_path):
     back = tmp_path / "back"
     assert storage.download_dir(copy, back) == files
     assert storage.tree_checksum(back) == storage.tree_checksum(src) == storage.tree_checksum(copy)
+
+
+def test_s3_move_dir_copies_then_removes(bucket, tmp_path):
+    src = _make_tree(tmp_path / "model")
+    remote = storage.join(bucket, "work", "_target=t1")
+    storage.upload_dir(src, remote)
+    dst = storage.join(bucket, "cache", "scores", "key")
+    storage.move_dir(remote, dst)
+    assert not storage.exists(remote)
+    assert storage.tree_checksum(dst) == storage.tree_checksum(src)
+    local = tmp_path / "local_copy"
+    storage.move_dir(dst, local)  # from the store to a local folder
+    assert not storage.exists(dst) and storage.tree_checksum(local) == storage.tree_checksum(src)
 
 
 def test_s3_open_write_streams_a_jsonl_file(bucket):

@@ -18,7 +18,7 @@ import os
 import posixpath
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -139,6 +139,7 @@ class CacheEntry:
     seconds: float = 0.0
     pairs_per_s: float | None = None
     num_rows: int | None = None
+    scored_with: list[str] = field(default_factory=list)  # the other outputs of the pass that scored it
 
     def to_dict(self) -> dict:
         return asdict(self)

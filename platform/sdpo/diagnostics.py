@@ -97,7 +97,7 @@ def eval_rows(policy: Scored, ref: Scored, base: Scored, tokens: tuple[np.ndarra
 
 @dataclass
 class EvalSums:
-    """Per-source weighted sums, accumulated batch by batch (the eval set is streamed, never held)."""
+    """Per-source weighted sums of the per-pair metrics, added a batch (or a whole table) at a time."""
 
     sources: list[str]
     sums: np.ndarray = field(init=False)

@@ -436,6 +436,11 @@ def _content_share(batch: pa.Table, fraction: float) -> pa.Table:
     return batch.filter(pa.array(content_share(batch.column("content_key").to_numpy(), fraction)))
 
 
+def tag_rows(batch: pa.Table, *, column: str, tag: str) -> pa.Table:
+    """`batch` with a constant string column (`passes.score_targets` tags each target's rows)."""
+    return batch.append_column(column, pa.array([tag] * batch.num_rows, pa.string()))
+
+
 def _with_weight(batch: pa.Table, weight: float) -> pa.Table:
     return batch.append_column("weight", pa.array(np.full(batch.num_rows, weight, np.float32)))
 

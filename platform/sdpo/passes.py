@@ -2,18 +2,24 @@
 
 Each pass is `read_parquet -> map_batches(PairScorer, actor pool) -> write_parquet`: the model is
 loaded once per actor, batches stream through, nothing is collected in the driver but a float or two
-per pair for the statistics (gamma's median needs the values).
+per pair for the statistics (gamma's median and the held-out metrics need the values).
 
 - `scored_split`: one model over one split, content-addressed in the cache (see caching.py). The
   entry holds the split's rows plus `chosen_logps`, `rejected_logps` and token counts, so a stage
   trains straight from it (`ingest.split_dataset(reference=...)`).
-- `extend_eval`: the held-out rows carry one pair of columns per model (`m0_` base, `m1_` stage 1,
-  ...); after stage t only M_t is scored, and the stage's metrics read policy = m<t>, reference =
-  m<t-1>, base = m0 from the same rows.
+- `score_targets`: one model over several splits in a single pass (one actor start and one model load
+  instead of one per split): the rows are read with the same columns, tagged with their target, scored
+  together and written partitioned by the tag; each target's folder is then moved into place. The
+  pipeline uses it for the passes that load the same model — the held-out pass of stage t's model and
+  stage t+1's reference pass, the base model's held-out pass and its passes over the partitions.
+- held-out evaluation: one table per model (`model_0` the base, `model_<t>` stage t), each the held-out
+  rows with that model's log-probs; a stage's metrics join the tables of its policy, reference and base
+  on the rows' positions (`eval_metrics`).
 """
 
 from __future__ import annotations
 
+import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,8 +66,95 @@ def _score(ds, model: Any, prefix: str, s: PassSettings, groups: bool = False):
 
 
 # --------------------------------------------------------------------------------------------------
+# Scoring several splits in one pass
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """One output of a pass: the rows of the split folder `source`, scored into the folder `path`.
+    `num_rows`: the rows it must hold afterwards. `marker`: written into `path` once it is complete
+    (a cache entry's metadata; the held-out table's), with the pass's seconds and time added.
+    `what`: how the log names it."""
+
+    source: str
+    path: str
+    num_rows: int
+    marker: dict | None = None
+    what: str = ""
+
+
+SCORE_COLUMNS = ROW_COLUMNS + ["content_key", "source_index", "file", "line"]  # a split's rows, scored together
+TARGET_COLUMN = "_target"
+
+
+def score_targets(model: Any, targets: list[Target], settings: PassSettings, *, work_dir: str,
+                  columns: list[str] | None = None, rows: Any = None, groups: bool = False) -> float:
+    """Score every target's rows with `model` in one Ray Data pass; returns its seconds.
+
+    One target is read (`columns`, or a Ray Dataset `rows`), scored and written straight to its path.
+    Several are read with `SCORE_COLUMNS`, each row tagged with its target, unioned and scored by one
+    actor pool, written under `work_dir` partitioned by the tag, and each partition folder moved to its
+    target's path. Every target is then checked to hold `num_rows` rows and marked complete."""
+    import ray.data
+
+    from sdpo import storage
+    from sdpo.ingest import tag_rows
+
+    if not targets:
+        return 0.0
+    if len(targets) > 1 and (groups or rows is not None or columns is not None):
+        raise ValueError("only plain pair passes over split folders can be scored together")
+    t0 = time.perf_counter()
+    for t in targets:
+        caching.clear(t.path)
+    if len(targets) == 1:
+        t = targets[0]
+        ds = rows if rows is not None else ray.data.read_parquet(t.source, columns=columns or SCORE_COLUMNS)
+        _score(ds, model, "", settings, groups).write_parquet(t.path)
+    else:
+        caching.clear(work_dir)
+        parts = [ray.data.read_parquet(t.source, columns=SCORE_COLUMNS).map_batches(
+            tag_rows, fn_kwargs={"column": TARGET_COLUMN, "tag": f"t{i}"}, batch_format="pyarrow")
+            for i, t in enumerate(targets)]
+        _score(parts[0].union(*parts[1:]), model, "", settings).write_parquet(work_dir, partition_cols=[TARGET_COLUMN])
+        for i, t in enumerate(targets):
+            part = storage.join(work_dir, f"{TARGET_COLUMN}=t{i}")
+            if storage.isdir(part):
+                storage.move_dir(part, t.path)
+        caching.clear(work_dir)
+    seconds = time.perf_counter() - t0
+    for t in targets:
+        written = ray.data.read_parquet(t.path, columns=["content_key"]).count() if storage.isdir(t.path) else 0
+        if written != t.num_rows:
+            raise RuntimeError(f"scoring pass wrote {written} rows to {t.path}, expected {t.num_rows}")
+        if t.marker is not None:
+            caching.write_marker(t.path, t.marker | {"seconds": seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------------
 # Cached scoring of a split (the reference pass, and the base model's pass for gamma)
 # --------------------------------------------------------------------------------------------------
+def split_target(split_dir: str | None, *, model_digest: str | None, data_digest: str, num_rows: int,
+                 settings: PassSettings, uncached_dir: str, groups: bool = False,
+                 ordered: bool = False) -> caching.CacheEntry | Target:
+    """The cache entry of this pass if it is complete (status "hit"), else the `Target` that scores it
+    (its marker is the entry's metadata; None where the model's digest is unknown: not cacheable)."""
+    key = None
+    if model_digest is not None:
+        key = caching.pass_key(model=model_digest, data=data_digest, tokenization=settings.tokenization,
+                               precision=settings.plan.precision, groups=groups,
+                               order=order_digest(split_dir) if ordered else None)
+    path = caching.entry_path(settings.cache_dir, key) if key else uncached_dir
+    if key and (marker := caching.read_marker(path)) and marker.get("num_rows") == num_rows:
+        return caching.CacheEntry(key, path, "hit", num_rows=num_rows)
+    meta = None
+    if key:
+        meta = {"key": key, "model": model_digest, "data": data_digest, "tokenization": settings.tokenization,
+                "precision": settings.plan.precision, "scorer": caching.SCORER_VERSION, "num_rows": num_rows,
+                "groups": groups}
+    return Target(split_dir or "", path, num_rows, meta)
+
+
 def scored_split(split_dir: str | None, *, model: Any, model_digest: str | None, data_digest: str, num_rows: int,
                  settings: PassSettings, uncached_dir: str, log: Callable[[str], None],
                  groups: bool = False, rows: Any = None, ordered: bool = False) -> caching.CacheEntry:
@@ -71,39 +164,18 @@ def scored_split(split_dir: str | None, *, model: Any, model_digest: str | None,
     the entry is the same as a split's with the same pairs, so the two share the cache. `ordered`: the
     entry keeps each row's position (`ingest.ORDER_COLUMNS`) for a stage trained in stored order
     (`training.shuffle: false`), and is reused only where the same pairs sit at the same positions."""
-    import ray.data
-
     from sdpo.ingest import ORDER_COLUMNS
 
     if ordered and rows is not None:
         raise ValueError("ordered entries are made from a split's directory, whose rows carry their positions")
-    key = None
-    if model_digest is not None:
-        key = caching.pass_key(model=model_digest, data=data_digest, tokenization=settings.tokenization,
-                               precision=settings.plan.precision, groups=groups,
-                               order=order_digest(split_dir) if ordered else None)
-    path = caching.entry_path(settings.cache_dir, key) if key else uncached_dir
-    if key and (marker := caching.read_marker(path)) and marker.get("num_rows") == num_rows:
-        return caching.CacheEntry(key, path, "hit", num_rows=num_rows)
-    caching.clear(path)
-    t0 = time.perf_counter()
-    ds = rows if rows is not None else ray.data.read_parquet(
-        split_dir, columns=ROW_COLUMNS + ["content_key"] + (list(ORDER_COLUMNS) if ordered else [])
-        + (GROUP_COLUMNS if groups else []))
-    _score(ds, model, "", settings, groups).write_parquet(path)
-    seconds = time.perf_counter() - t0
-    written = ray.data.read_parquet(path, columns=["content_key"]).count()
-    if written != num_rows:
-        raise RuntimeError(f"scoring pass wrote {written} rows to {path}, expected {num_rows}")
-    entry = caching.CacheEntry(key, path, "miss" if key else "uncached", seconds, num_rows / seconds, num_rows)
-    if key:
-        caching.write_marker(path, {
-            "key": key, "model": model_digest, "data": data_digest, "tokenization": settings.tokenization,
-            "precision": settings.plan.precision, "scorer": caching.SCORER_VERSION, "num_rows": num_rows,
-            "groups": groups,
-            "seconds": seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        })
-    return entry
+    found = split_target(split_dir, model_digest=model_digest, data_digest=data_digest, num_rows=num_rows,
+                         settings=settings, uncached_dir=uncached_dir, groups=groups, ordered=ordered)
+    if isinstance(found, caching.CacheEntry):
+        return found
+    columns = ROW_COLUMNS + ["content_key"] + (list(ORDER_COLUMNS) if ordered else []) + (GROUP_COLUMNS if groups else [])
+    seconds = score_targets(model, [found], settings, work_dir="", columns=columns, rows=rows, groups=groups)
+    key = found.marker["key"] if found.marker else None
+    return caching.CacheEntry(key, found.path, "miss" if key else "uncached", seconds, num_rows / seconds, num_rows)
 
 
 def order_digest(split_dir: str) -> str:
@@ -131,38 +203,49 @@ def read_gamma(path: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Held-out evaluation
 # --------------------------------------------------------------------------------------------------
-def extend_eval(input_dir: str, output_dir: str, *, model: Any, prefix: str, settings: PassSettings,
-                first: bool) -> float:
-    """Append `model`'s log-probs (`<prefix>chosen_logps`, ...) to the held-out rows; returns seconds."""
-    import ray.data
-
-    t0 = time.perf_counter()
-    caching.clear(output_dir)
-    columns = ROW_COLUMNS + ["source_index"] if first else None
-    _score(ray.data.read_parquet(input_dir, columns=columns), model, prefix, settings).write_parquet(output_dir)
-    caching.write_marker(output_dir, {"prefix": prefix, "model": str(model)})  # complete: a resume reuses it
-    return time.perf_counter() - t0
-
-
 def eval_complete(path: str) -> bool:
-    """Whether a held-out score table was written to the end (`extend_eval` marks it last)."""
+    """Whether a held-out score table was written to the end (`score_targets` marks it last)."""
     return caching.read_marker(path) is not None
 
 
-def eval_metrics(scores_dir: str, *, policy: str, reference: str, base: str, loss_type: str, beta: float,
-                 options: dict, sources: list[str]) -> dict[str, float]:
-    """Held-out metrics from the scored rows (column prefixes name the three models)."""
+EVAL_TABLE_COLUMNS = ["content_key", "source_index", "file", "line", "chosen_tokens", "rejected_tokens",
+                      "chosen_logps", "rejected_logps"]
+
+
+def _eval_table(path: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A held-out table's per-pair numbers (no token ids), sorted by the rows' position keys."""
     import ray.data
 
-    cols = ["source_index", "chosen_tokens", "rejected_tokens"] + [
-        f"{p}{c}_logps" for p in {policy, reference, base} for c in ("chosen", "rejected")
-    ]
-    sums = EvalSums(sources)
-    for b in ray.data.read_parquet(scores_dir, columns=cols).iter_batches(batch_format="numpy", batch_size=4096):
-        def scored(p: str, b=b) -> Scored:
-            return Scored(b[f"{p}chosen_logps"], b[f"{p}rejected_logps"])
+    parts = list(ray.data.read_parquet(path, columns=EVAL_TABLE_COLUMNS).iter_batches(
+        batch_format="numpy", batch_size=65536))
+    cols = {c: np.concatenate([b[c] for b in parts]) if parts else np.zeros(0) for c in EVAL_TABLE_COLUMNS}
+    keys = caching.position_keys(cols["content_key"], cols["source_index"], list(cols["file"]), cols["line"])
+    order = np.argsort(keys, kind="stable")
+    return keys[order], {c: v[order] for c, v in cols.items()}
 
-        rows = eval_rows(scored(policy), scored(reference), scored(base), (b["chosen_tokens"], b["rejected_tokens"]),
-                         loss_type=loss_type, beta=beta, options=options)
-        sums.add(rows, b["source_index"])
+
+def eval_metrics(tables: dict[str, str], *, loss_type: str, beta: float, options: dict,
+                 sources: list[str]) -> dict[str, float]:
+    """Held-out metrics from the score tables of the `policy`, `reference` and `base` models (keys of
+    `tables`; one table may serve several). The tables hold the same rows in any order: they are joined
+    on the rows' positions, a few numbers per pair in the driver."""
+    loaded: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+    for path in tables.values():
+        if path not in loaded:
+            loaded[path] = _eval_table(path)
+    (head, (keys, first)), *rest = loaded.items()
+    for path, (other, _) in rest:
+        if not np.array_equal(keys, other):
+            raise RuntimeError(f"held-out tables {head} ({len(keys)} rows) and {path} ({len(other)} rows) do not "
+                               f"hold the same rows; remove {posixpath.dirname(path)} to rescore them")
+
+    def scored(role: str) -> Scored:
+        cols = loaded[tables[role]][1]
+        return Scored(cols["chosen_logps"], cols["rejected_logps"])
+
+    sums = EvalSums(sources)
+    rows = eval_rows(scored("policy"), scored("reference"), scored("base"),
+                     (first["chosen_tokens"], first["rejected_tokens"]),
+                     loss_type=loss_type, beta=beta, options=options)
+    sums.add(rows, first["source_index"])
     return sums.report()

@@ -381,11 +381,17 @@ def train_stages(prep: Prepared, manifest: Manifest, *, force: bool = False, sto
     settings = pass_settings(prep)
     base = job.model.path
     digests = {BASE: model_digest(base, job.model.revision)}
-    evaluator = HeldOut(prep, settings, storage.join(out, "data"), log)
+    # a plain run scores ahead: every pass that loads a model it has loaded anyway for the held-out
+    # pass runs in that same pass. A search's trial does not (a pruned trial would waste them, and a
+    # stage reused from the stage store needs none).
+    evaluator = HeldOut(prep, settings, storage.join(out, "data"), log, ahead=store is None)
     if manifest.eval_digest != prep.digests.get("_eval"):  # another held-out split: rescore it
         storage.remove(storage.join(out, "eval"))
         manifest.eval_digest = prep.digests.get("_eval")
-    evaluator.start(base)
+    untrained = [s for s in prep.stages if manifest.stages.get(s.index) is None]
+    evaluator.start(base, [t for s in untrained for t in evaluator.ahead_targets(
+        s, digests[BASE], ref=base if s.reference == BASE else None,
+        ref_digest=digests[BASE] if s.reference == BASE else None, base=base, base_digest=digests[BASE])])
     job_dump = job.model_dump(mode="json")
     previous, records = None, []
     for stage in prep.stages:
@@ -503,7 +509,8 @@ def train_stage(prep: Prepared, stage: StagePlan, previous: Any, ref_digest: str
     ref = base if stage.reference == BASE else previous
     init = base if stage.init == BASE else previous
     loss = get_loss(stage.loss)
-    passes, gamma = reference_passes(prep, stage, ref, ref_digest, base, digests[BASE], settings, log)
+    passes, gamma = reference_passes(prep, stage, ref, ref_digest, base, digests[BASE], settings, log,
+                                     ahead=evaluator.scored_ahead)
     precompute = job.reference.mode == "precompute" and loss.needs_reference
     datasets = {"train": split_dataset(
         storage.join(out, "data"), stage.partition, num_pairs=stage.num_pairs, world_size=world,
@@ -535,7 +542,9 @@ def train_stage(prep: Prepared, stage: StagePlan, previous: Any, ref_digest: str
         raise RuntimeError(f"stage {stage.index} ran {metrics['steps']} optimiser steps, planned {stage.total_steps}")
     metrics["wall_seconds"] = time.perf_counter() - t0
     metrics |= gamma["metrics"]
-    metrics |= evaluator.after_stage(stage, model)
+    following = [s for s in prep.stages if s.index == stage.index + 1 and s.reference != BASE]
+    metrics |= evaluator.after_stage(stage, model, [t for s in following for t in evaluator.ahead_targets(
+        s, digest, ref=model, ref_digest=digest, base=base, base_digest=digests[BASE])])
     storage.write_json_atomic(storage.join(stage_dir, STAGE_METRICS), metrics)
     return {
         "index": stage.index, "partition": stage.partition, "num_pairs": stage.num_pairs,
@@ -578,12 +587,30 @@ def write_stage_model(checkpoint: Any, model: str, stage_dir: str, side_files: t
     return digest
 
 
+def pass_needs(prep: Prepared, stage: StagePlan, ref: Any, ref_digest: str | None, base: str,
+               base_digest: str | None) -> dict[str, tuple[Any, str | None, bool]]:
+    """The passes a stage runs before training, by role: (model, its digest, whether the entry keeps
+    the rows' stored order). A reference-free loss gets no reference pass (and gamma under the base
+    model only)."""
+    from sdpo.losses import get_loss
+
+    job = prep.job
+    needed = {}
+    if get_loss(stage.loss).needs_reference and (job.reference.mode == "precompute" or job.reference.gamma):
+        # a stage trained in stored order reads its rows from the reference entry, so it keeps their positions
+        needed["reference"] = (ref, ref_digest, job.reference.mode == "precompute" and not job.training.shuffle)
+    if job.reference.gamma:
+        needed["base"] = (base, base_digest, False)
+    return needed
+
+
 def reference_passes(prep: Prepared, stage: StagePlan, ref: Any, ref_digest: str | None, base: str,
-                     base_digest: str | None, settings: Any, log: Callable[[str], None]) -> tuple[dict, dict]:
+                     base_digest: str | None, settings: Any, log: Callable[[str], None],
+                     ahead: dict | None = None) -> tuple[dict, dict]:
     """The stage's reference pass (cached) and, for the gamma diagnostic, the base model's pass on D_t.
 
-    A reference-free loss gets no reference pass (and gamma under the base model only); a listwise
-    loss's passes score every response of each row's group.
+    A listwise loss's passes score every response of each row's group. `ahead`: the cache entries
+    scored ahead of their stage, in another pass of the same model (`HeldOut.ahead_targets`), by key.
     """
     from sdpo.diagnostics import gamma_summary
     from sdpo.losses import get_loss
@@ -592,26 +619,22 @@ def reference_passes(prep: Prepared, stage: StagePlan, ref: Any, ref_digest: str
     job, out = prep.job, prep.out
     loss = get_loss(stage.loss)
     split_dir = storage.join(out, "data", "partitions", f"split={stage.partition}")
-    needed = {}
-    if loss.needs_reference and (job.reference.mode == "precompute" or job.reference.gamma):
-        needed["reference"] = (ref, ref_digest)
-    if job.reference.gamma:
-        needed["base"] = (base, base_digest)
     entries = {}
-    for role, (model, digest) in needed.items():
+    for role, (model, digest, ordered) in pass_needs(prep, stage, ref, ref_digest, base, base_digest).items():
         same = role == "base" and "reference" in entries and digest is not None and digest == ref_digest
         if same:  # stage 1, or init/reference from the base: one pass serves both
             entries[role] = entries["reference"]
             continue
-        # a stage trained in stored order reads its rows from the reference entry, so it keeps their positions
-        ordered = role == "reference" and job.reference.mode == "precompute" and not job.training.shuffle
         e = scored_split(split_dir, model=model, model_digest=digest, data_digest=prep.digests[stage.partition],
                          num_rows=stage.num_pairs, settings=settings,
                          uncached_dir=storage.join(out, "scores", f"stage{stage.index}-{role}"), log=log,
                          groups=loss.listwise, ordered=ordered)
+        if e.status == "hit" and ahead and e.key in ahead:  # scored ahead in this run: report that pass
+            e = ahead.pop(e.key)
         speed = f", {e.pairs_per_s:.1f} pairs/s" if e.pairs_per_s else ""
+        together = f"; scored in one pass with {', '.join(e.scored_with)}" if e.scored_with else ""
         log(f"stage {stage.index}: {role} pass on {stage.partition!r}: cache {e.status} "
-            f"({e.num_rows} pairs{speed}) {e.path}")
+            f"({e.num_rows} pairs{speed}{together}) {e.path}")
         entries[role] = e
     if not job.reference.gamma:
         return entries, {"metrics": {}, "histograms": {}}
@@ -625,37 +648,85 @@ def reference_passes(prep: Prepared, stage: StagePlan, ref: Any, ref_digest: str
 
 
 class HeldOut:
-    """Held-out evaluation as Ray Data passes: the eval rows gain one pair of log-prob columns per model
-    (`m0_` the base, `m<t>_` stage t), so each stage scores only its own model."""
+    """Held-out evaluation as Ray Data passes: one score table per model (`model_0` the base,
+    `model_<t>` stage t), so each stage scores only its own model; a stage's metrics join the tables of
+    its policy, reference and base. With `ahead`, the pass that scores a model's table also scores the
+    stages' passes that need the same model (`ahead_targets`): one actor start and model load for both."""
 
-    def __init__(self, prep: Prepared, settings: Any, data_dir: str, log: Callable[[str], None]):
-        self.prep, self.settings, self.log = prep, settings, log
+    def __init__(self, prep: Prepared, settings: Any, data_dir: str, log: Callable[[str], None], *,
+                 ahead: bool = False):
+        self.prep, self.settings, self.log, self.ahead = prep, settings, log, ahead
         self.enabled = sum(prep.spec.eval_sizes.values()) > 0
+        self.num_rows = sum(prep.spec.eval_sizes.values())
         self.eval_dir = storage.join(prep.out, "eval")
         self.source = f"{data_dir}/partitions/split=_eval"
         self.sources = [s.name for s in prep.job.data.sources]
+        self.scored_ahead: dict[str, Any] = {}  # cache key -> CacheEntry, until its stage reports it
 
-    def _scores(self, t: int) -> str:
-        return storage.join(self.eval_dir, f"scores_{t}")
+    def _table(self, t: int) -> str:
+        return storage.join(self.eval_dir, f"model_{t}")
 
-    def start(self, base: str) -> None:
-        from sdpo.passes import eval_complete, extend_eval
+    def ahead_targets(self, stage: StagePlan, digest: str | None, *, ref: Any, ref_digest: str | None, base: str,
+                      base_digest: str | None) -> list:
+        """`stage`'s passes under the model of digest `digest` that are not cached yet, as targets of a
+        pass that loads that model anyway (`ref`, `ref_digest`: the stage's reference, None if not known
+        yet). None while scoring ahead is off, and none for a listwise loss (its passes score groups) or
+        a model whose digest is unknown (not cacheable)."""
+        from sdpo.losses import get_loss
+        from sdpo.passes import Target, split_target
 
-        if self.enabled and not eval_complete(self._scores(0)):
-            seconds = extend_eval(self.source, self._scores(0), model=base, prefix="m0_", settings=self.settings,
-                                  first=True)
-            self.log(f"held-out: base model scored in {seconds:.1f}s")
+        if not self.ahead or digest is None or get_loss(stage.loss).listwise:
+            return []
+        out = []
+        split_dir = storage.join(self.prep.out, "data", "partitions", f"split={stage.partition}")
+        for role, (_, need_digest, ordered) in pass_needs(self.prep, stage, ref, ref_digest, base, base_digest).items():
+            if need_digest != digest:
+                continue
+            found = split_target(split_dir, model_digest=digest, data_digest=self.prep.digests[stage.partition],
+                                 num_rows=stage.num_pairs, settings=self.settings, uncached_dir="", ordered=ordered)
+            if isinstance(found, Target) and found.marker is not None:
+                out.append(Target(found.source, found.path, found.num_rows, found.marker,
+                                  what=f"stage {stage.index}'s {role} pass on {stage.partition!r}"))
+        return out
+
+    def _score(self, t: int, model: Any, also: list) -> None:
+        """Model t's held-out table (unless complete) and the targets `also` (the same model's passes
+        for later stages), in one pass. Targets scored ahead alone, without a held-out table to share
+        the pass with, are left to their stages unless two or more share it."""
+        from sdpo.caching import CacheEntry
+        from sdpo.passes import Target, eval_complete, score_targets
+
+        first: dict[str, Any] = {}
+        for x in also:  # one entry can serve two roles (stage 1's reference and base passes)
+            first.setdefault(x.path, x)
+        unique = list(first.values())
+        targets = []
+        if self.enabled and not eval_complete(self._table(t)):
+            targets.append(Target(self.source, self._table(t), self.num_rows, {"model": str(model)},
+                                  what=f"the held-out pass of {'the base model' if t == 0 else f'stage {t}'}"))
+        if not targets and len(unique) < 2:
+            unique = []
+        targets += unique
+        if not targets:
+            return
+        seconds = score_targets(model, targets, self.settings, work_dir=storage.join(self.prep.out, "scores", "together"))
+        rows = sum(x.num_rows for x in targets)
+        self.log(f"{targets[0].what}: scored in {seconds:.1f}s ({rows} pairs"
+                 + (f", one pass with {len(targets) - 1} more: " + "; ".join(x.what for x in targets[1:]) if unique
+                    else "") + ")")
+        for x in unique:
+            key = x.marker["key"]
+            self.scored_ahead[key] = CacheEntry(key, x.path, "miss", seconds, rows / seconds, x.num_rows,
+                                                scored_with=[y.what for y in targets if y is not x])
+
+    def start(self, base: str, also: list | None = None) -> None:
+        self._score(0, base, also or [])
 
     def restore(self, stage: StagePlan, model: str) -> None:
         """A skipped (completed) stage: its score table is reused if complete, else rescored."""
-        from sdpo.passes import eval_complete, extend_eval
+        self._score(stage.index, model, [])
 
-        t = stage.index
-        if self.enabled and not eval_complete(self._scores(t)):
-            extend_eval(self._scores(t - 1), self._scores(t), model=model, prefix=f"m{t}_",
-                        settings=self.settings, first=False)
-
-    def _metrics(self, table: int, policy: int, reference: int, stage: StagePlan) -> dict[str, float]:
+    def _metrics(self, policy: int, reference: int, stage: StagePlan) -> dict[str, float]:
         """The held-out loss is the stage's own loss on each pair; a listwise loss's is DPO's (sigmoid),
         since held-out rows are scored as their binarised pairs."""
         from sdpo.losses import get_loss
@@ -664,21 +735,19 @@ class HeldOut:
         loss_type, options = stage.loss, stage.loss_options
         if get_loss(loss_type).listwise:
             loss_type, options = "sigmoid", {}
-        return eval_metrics(self._scores(table), policy=f"m{policy}_", reference=f"m{reference}_", base="m0_",
-                            loss_type=loss_type, beta=stage.beta, options=options, sources=self.sources)
+        tables = {"policy": self._table(policy), "reference": self._table(reference), "base": self._table(0)}
+        return eval_metrics(tables, loss_type=loss_type, beta=stage.beta, options=options, sources=self.sources)
 
-    def after_stage(self, stage: StagePlan, model: Any) -> dict[str, float]:
-        """`eval/*` for the stage's model and `before/eval/*` for the model it started from."""
-        from sdpo.passes import extend_eval
-
+    def after_stage(self, stage: StagePlan, model: Any, also: list | None = None) -> dict[str, float]:
+        """`eval/*` for the stage's model and `before/eval/*` for the model it started from. `also`:
+        passes of the next stage under this model, scored in the same pass (`ahead_targets`)."""
+        t = stage.index
+        before = self._metrics(policy=0 if stage.init == BASE else t - 1, reference=t - 1, stage=stage) \
+            if self.enabled else {}
+        self._score(t, model, also or [])
         if not self.enabled:
             return {}
-        t = stage.index
-        start = 0 if stage.init == BASE else t - 1
-        before = self._metrics(t - 1, policy=start, reference=t - 1, stage=stage)
-        extend_eval(self._scores(t - 1), self._scores(t), model=model, prefix=f"m{t}_", settings=self.settings,
-                    first=False)
-        after = self._metrics(t, policy=t, reference=t - 1, stage=stage)
+        after = self._metrics(policy=t, reference=t - 1, stage=stage)
         return {f"before/{k}": v for k, v in before.items()} | after
 
 

@@ -534,6 +534,22 @@ def copy_dir(src_uri: Uri, dst_uri: Uri) -> list[str]:
     return list(files)
 
 
+def move_dir(src_uri: Uri, dst_uri: Uri) -> None:
+    """Move the folder `src_uri` to `dst_uri` (which must not exist): a rename where both are on one
+    local filesystem, else `copy_dir` and `remove(src)`."""
+    if is_local(src_uri) and is_local(dst_uri):
+        src, dst = abspath(src_uri), abspath(dst_uri)
+        os.makedirs(os.path.dirname(dst.rstrip("/")), exist_ok=True)
+        try:
+            os.rename(src, dst)
+            return
+        except OSError as err:
+            if err.errno != errno.EXDEV:  # another device: copy below
+                raise
+    copy_dir(src_uri, dst_uri)
+    remove(src_uri)
+
+
 def upload_dir(local_dir: Uri, uri: Uri) -> list[str]:
     """`copy_dir` from a local folder."""
     if not is_local(local_dir):
