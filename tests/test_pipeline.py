@@ -160,9 +160,15 @@ def test_passes_of_one_model_share_one_pass(two_stage):
     assert _content_keys(s1["cache"]["reference"]["path"]) == _content_keys(data / "split=orca")
     for role in ("reference", "base"):
         assert _content_keys(s2["cache"][role]["path"]) == _content_keys(data / "split=ultrafeedback")
-    for t in (0, 1, 2):
-        assert _content_keys(out / "eval" / f"model_{t}") == _content_keys(data / "split=_eval")
-    rows = pq.read_table(out / "eval" / "model_1").slice(0, 5).to_pydict()
+    tables = [s1["held_out_tables"]["base"], s1["held_out_tables"]["policy"], s2["held_out_tables"]["policy"]]
+    assert s2["held_out_tables"]["reference"] == tables[1] and s2["held_out_tables"]["base"] == tables[0]
+    assert len(set(tables)) == 3
+    for path in tables:
+        assert _content_keys(path) == _content_keys(data / "split=_eval")
+        assert read_marker(path)["num_rows"] == len(_content_keys(data / "split=_eval"))
+    assert [read_marker(p)["model"] for p in tables] == [model_digest(str(STORIES)), s1["model_digest"],
+                                                        s2["model_digest"]]
+    rows = pq.read_table(tables[1]).slice(0, 5).to_pydict()
     expected = score_pairs(AutoModelForCausalLM.from_pretrained(s1["model"]),
                            *[rows[c] for c in ("prompt_ids", "chosen_ids", "rejected_ids")], device=torch.device("cpu"))
     assert expected["chosen_logps"] == pytest.approx(rows["chosen_logps"], abs=1e-4)
@@ -176,13 +182,12 @@ def test_held_out_tables_are_joined_on_the_rows_not_their_order(two_stage, tmp_p
 
     out, summary = two_stage
     s2 = summary["stages"][1]
-    table = pq.read_table(out / "eval" / "model_2")
+    table = pq.read_table(s2["held_out_tables"]["policy"])
     shuffled = tmp_path / "shuffled"
     shuffled.mkdir()
     pq.write_table(table.take(np.random.default_rng(0).permutation(table.num_rows)), shuffled / "part.parquet")
     kw = dict(loss_type="sigmoid", beta=0.1, options={}, sources=["orca", "ultrafeedback"])
-    tables = {"policy": str(out / "eval" / "model_2"), "reference": str(out / "eval" / "model_1"),
-              "base": str(out / "eval" / "model_0")}
+    tables = s2["held_out_tables"]
     metrics = eval_metrics(tables, **kw)
     assert metrics == pytest.approx({k: v for k, v in s2["metrics"].items() if k.startswith("eval/")})
     assert eval_metrics(tables | {"policy": str(shuffled)}, **kw) == pytest.approx(metrics)
@@ -190,8 +195,25 @@ def test_held_out_tables_are_joined_on_the_rows_not_their_order(two_stage, tmp_p
     short.mkdir()
     pq.write_table(table.slice(1), short / "part.parquet")
     assert table.num_rows == 8
-    with pytest.raises(RuntimeError, match=r"short \(7 rows\) and .*model_1 \(8 rows\) do not hold the same rows"):
+    with pytest.raises(RuntimeError, match=r"short \(7 rows\) and .* \(8 rows\) do not hold the same rows"):
         eval_metrics(tables | {"policy": str(short)}, **kw)
+
+
+def test_a_rerun_reuses_the_held_out_passes_of_unchanged_models(two_stage, tmp_path):
+    """The same job into another directory, sharing the first run's cache: the held-out passes of every
+    model that comes out the same are cache hits, and the metrics are the same."""
+    out, summary = two_stage
+    log = []
+    again = run(job(tmp_path, stages=[{}, {"epochs": 2}], reference={"cache_dir": str(out / "cache")}),
+                log=log.append)
+    assert any(line.startswith("the held-out pass of the base model: cache hit") for line in log)
+    for a, b in zip(summary["stages"], again["stages"], strict=True):
+        assert b["model_digest"] == a["model_digest"], "seeded CPU runs train the same weights"
+        assert b["held_out_tables"] == a["held_out_tables"]
+        assert {k: v for k, v in b["metrics"].items() if "eval/" in k} == \
+            {k: v for k, v in a["metrics"].items() if "eval/" in k}
+    assert sum("held-out pass" in line and "cache hit" in line for line in log) == 3
+    assert not any("held-out pass" in line and "scored in" in line for line in log)
 
 
 def test_report_is_written_and_matches_the_summary(two_stage):

@@ -12,9 +12,10 @@ per pair for the statistics (gamma's median and the held-out metrics need the va
   together and written partitioned by the tag; each target's folder is then moved into place. The
   pipeline uses it for the passes that load the same model — the held-out pass of stage t's model and
   stage t+1's reference pass, the base model's held-out pass and its passes over the partitions.
-- held-out evaluation: one table per model (`model_0` the base, `model_<t>` stage t), each the held-out
-  rows with that model's log-probs; a stage's metrics join the tables of its policy, reference and base
-  on the rows' positions (`eval_metrics`).
+- held-out evaluation: one table per model, each the held-out rows with that model's log-probs, cached
+  like a split's entry (keyed by the rows' positions too, so a hit carries this run's sources and
+  lines); a stage's metrics join the tables of its policy, reference and base on the rows' positions
+  (`eval_metrics`).
 """
 
 from __future__ import annotations
@@ -136,14 +137,16 @@ def score_targets(model: Any, targets: list[Target], settings: PassSettings, *, 
 # --------------------------------------------------------------------------------------------------
 def split_target(split_dir: str | None, *, model_digest: str | None, data_digest: str, num_rows: int,
                  settings: PassSettings, uncached_dir: str, groups: bool = False,
-                 ordered: bool = False) -> caching.CacheEntry | Target:
+                 ordered: bool = False, order: str | None = None) -> caching.CacheEntry | Target:
     """The cache entry of this pass if it is complete (status "hit"), else the `Target` that scores it
-    (its marker is the entry's metadata; None where the model's digest is unknown: not cacheable)."""
+    (its marker is the entry's metadata; None where the model's digest is unknown: not cacheable).
+    `order`: the split's `order_digest` where the caller has it (implies `ordered`)."""
     key = None
     if model_digest is not None:
+        if ordered and order is None:
+            order = order_digest(split_dir)
         key = caching.pass_key(model=model_digest, data=data_digest, tokenization=settings.tokenization,
-                               precision=settings.plan.precision, groups=groups,
-                               order=order_digest(split_dir) if ordered else None)
+                               precision=settings.plan.precision, groups=groups, order=order)
     path = caching.entry_path(settings.cache_dir, key) if key else uncached_dir
     if key and (marker := caching.read_marker(path)) and marker.get("num_rows") == num_rows:
         return caching.CacheEntry(key, path, "hit", num_rows=num_rows)

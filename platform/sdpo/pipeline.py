@@ -389,7 +389,7 @@ def train_stages(prep: Prepared, manifest: Manifest, *, force: bool = False, sto
         storage.remove(storage.join(out, "eval"))
         manifest.eval_digest = prep.digests.get("_eval")
     untrained = [s for s in prep.stages if manifest.stages.get(s.index) is None]
-    evaluator.start(base, [t for s in untrained for t in evaluator.ahead_targets(
+    evaluator.start(base, digests[BASE], [t for s in untrained for t in evaluator.ahead_targets(
         s, digests[BASE], ref=base if s.reference == BASE else None,
         ref_digest=digests[BASE] if s.reference == BASE else None, base=base, base_digest=digests[BASE])])
     job_dump = job.model_dump(mode="json")
@@ -406,7 +406,7 @@ def train_stages(prep: Prepared, manifest: Manifest, *, force: bool = False, sto
             records.append(done["record"])
             digests[stage.index] = done["model_digest"]
             previous = done["model"]
-            evaluator.restore(stage, previous)
+            evaluator.restore(stage, previous, done["model_digest"])
             log(f"stage {stage.index}/{len(prep.stages)}: complete (model {previous}); skipped")
             if on_stage:
                 on_stage(done["record"], bool(done["record"].get("reused_from")))
@@ -449,8 +449,10 @@ def _reuse(prep: Prepared, stage: StagePlan, stored: Any, previous: str | None, 
     record.update(
         model=stored.model, reused_from=stored.key,
         reference=base if stage.reference == BASE else previous, init=base if stage.init == BASE else previous,
-        metrics={k: v for k, v in record["metrics"].items() if "eval/" not in k} | evaluator.after_stage(stage, stored.model),
+        metrics={k: v for k, v in record["metrics"].items() if "eval/" not in k} | evaluator.after_stage(
+            stage, stored.model, record["model_digest"]),
     )
+    record["held_out_tables"] = evaluator.stage_tables(stage)
     storage.write_json_atomic(storage.join(stage_dir, STAGE_METRICS), record["metrics"])
     log(f"stage {stage.index}/{len(prep.stages)}: reused from the stage store ({stored.key}, "
         f"{record['metrics'].get('steps', 0)} optimiser steps not retrained)")
@@ -543,7 +545,7 @@ def train_stage(prep: Prepared, stage: StagePlan, previous: Any, ref_digest: str
     metrics["wall_seconds"] = time.perf_counter() - t0
     metrics |= gamma["metrics"]
     following = [s for s in prep.stages if s.index == stage.index + 1 and s.reference != BASE]
-    metrics |= evaluator.after_stage(stage, model, [t for s in following for t in evaluator.ahead_targets(
+    metrics |= evaluator.after_stage(stage, model, digest, [t for s in following for t in evaluator.ahead_targets(
         s, digest, ref=model, ref_digest=digest, base=base, base_digest=digests[BASE])])
     storage.write_json_atomic(storage.join(stage_dir, STAGE_METRICS), metrics)
     return {
@@ -553,6 +555,7 @@ def train_stage(prep: Prepared, stage: StagePlan, previous: Any, ref_digest: str
         "reference_digest": ref_digest, "model_digest": digest,
         "metrics": metrics, "gamma": gamma["histograms"],
         "cache": {role: e.to_dict() for role, e in passes.items()},
+        "held_out_tables": evaluator.stage_tables(stage),
     }
 
 
@@ -662,9 +665,32 @@ class HeldOut:
         self.source = f"{data_dir}/partitions/split=_eval"
         self.sources = [s.name for s in prep.job.data.sources]
         self.scored_ahead: dict[str, Any] = {}  # cache key -> CacheEntry, until its stage reports it
+        self.tables: dict[int, str] = {}  # model t -> its held-out table
+        self.order: str | None = None  # the held-out split's order digest, read once
 
-    def _table(self, t: int) -> str:
-        return storage.join(self.eval_dir, f"model_{t}")
+    def _target(self, t: int, model: Any, digest: str | None) -> Any:
+        """Model t's held-out table: recorded in `tables`, and returned as a target to score unless it is
+        complete — a cache entry of the held-out split under that model (keyed by the rows' positions as
+        well as their content, so its sources and lines are this run's), or, for a model whose digest is
+        unknown, this run's own table."""
+        from sdpo.caching import CacheEntry
+        from sdpo.passes import Target, eval_complete, order_digest, split_target
+
+        if not self.enabled:
+            return None
+        if self.order is None:
+            self.order = order_digest(self.source)
+        what = f"the held-out pass of {'the base model' if t == 0 else f'stage {t}'}"
+        found = split_target(self.source, model_digest=digest, data_digest=self.prep.digests["_eval"],
+                             num_rows=self.num_rows, settings=self.settings,
+                             uncached_dir=storage.join(self.eval_dir, f"model_{t}"), order=self.order)
+        self.tables[t] = found.path
+        if isinstance(found, CacheEntry):
+            self.log(f"{what}: cache hit {found.path}")
+            return None
+        if found.marker is None and eval_complete(found.path):
+            return None
+        return Target(found.source, found.path, found.num_rows, found.marker or {"model": str(model)}, what=what)
 
     def ahead_targets(self, stage: StagePlan, digest: str | None, *, ref: Any, ref_digest: str | None, base: str,
                       base_digest: str | None) -> list:
@@ -689,21 +715,18 @@ class HeldOut:
                                   what=f"stage {stage.index}'s {role} pass on {stage.partition!r}"))
         return out
 
-    def _score(self, t: int, model: Any, also: list) -> None:
+    def _score(self, t: int, model: Any, digest: str | None, also: list) -> None:
         """Model t's held-out table (unless complete) and the targets `also` (the same model's passes
         for later stages), in one pass. Targets scored ahead alone, without a held-out table to share
         the pass with, are left to their stages unless two or more share it."""
         from sdpo.caching import CacheEntry
-        from sdpo.passes import Target, eval_complete, score_targets
+        from sdpo.passes import score_targets
 
         first: dict[str, Any] = {}
         for x in also:  # one entry can serve two roles (stage 1's reference and base passes)
             first.setdefault(x.path, x)
         unique = list(first.values())
-        targets = []
-        if self.enabled and not eval_complete(self._table(t)):
-            targets.append(Target(self.source, self._table(t), self.num_rows, {"model": str(model)},
-                                  what=f"the held-out pass of {'the base model' if t == 0 else f'stage {t}'}"))
+        targets = [x for x in (self._target(t, model, digest),) if x is not None]
         if not targets and len(unique) < 2:
             unique = []
         targets += unique
@@ -719,12 +742,19 @@ class HeldOut:
             self.scored_ahead[key] = CacheEntry(key, x.path, "miss", seconds, rows / seconds, x.num_rows,
                                                 scored_with=[y.what for y in targets if y is not x])
 
-    def start(self, base: str, also: list | None = None) -> None:
-        self._score(0, base, also or [])
+    def start(self, base: str, digest: str | None, also: list | None = None) -> None:
+        self._score(0, base, digest, also or [])
 
-    def restore(self, stage: StagePlan, model: str) -> None:
+    def restore(self, stage: StagePlan, model: str, digest: str | None) -> None:
         """A skipped (completed) stage: its score table is reused if complete, else rescored."""
-        self._score(stage.index, model, [])
+        self._score(stage.index, model, digest, [])
+
+    def stage_tables(self, stage: StagePlan) -> dict[str, str]:
+        """The held-out tables of a stage's model, its reference and the base model (none without a
+        held-out split)."""
+        t = stage.index
+        return {"policy": self.tables[t], "reference": self.tables[t - 1], "base": self.tables[0]} \
+            if self.enabled else {}
 
     def _metrics(self, policy: int, reference: int, stage: StagePlan) -> dict[str, float]:
         """The held-out loss is the stage's own loss on each pair; a listwise loss's is DPO's (sigmoid),
@@ -735,16 +765,17 @@ class HeldOut:
         loss_type, options = stage.loss, stage.loss_options
         if get_loss(loss_type).listwise:
             loss_type, options = "sigmoid", {}
-        tables = {"policy": self._table(policy), "reference": self._table(reference), "base": self._table(0)}
+        tables = {"policy": self.tables[policy], "reference": self.tables[reference], "base": self.tables[0]}
         return eval_metrics(tables, loss_type=loss_type, beta=stage.beta, options=options, sources=self.sources)
 
-    def after_stage(self, stage: StagePlan, model: Any, also: list | None = None) -> dict[str, float]:
+    def after_stage(self, stage: StagePlan, model: Any, digest: str | None,
+                    also: list | None = None) -> dict[str, float]:
         """`eval/*` for the stage's model and `before/eval/*` for the model it started from. `also`:
         passes of the next stage under this model, scored in the same pass (`ahead_targets`)."""
         t = stage.index
         before = self._metrics(policy=0 if stage.init == BASE else t - 1, reference=t - 1, stage=stage) \
             if self.enabled else {}
-        self._score(t, model, also or [])
+        self._score(t, model, digest, also or [])
         if not self.enabled:
             return {}
         after = self._metrics(policy=t, reference=t - 1, stage=stage)
