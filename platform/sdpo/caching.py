@@ -54,6 +54,11 @@ def content_key(prompt: Iterable[int], chosen: Iterable[int], rejected: Iterable
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+# A row's position in its sources, kept in the partitions (and in entries that keep positions):
+# `training.shuffle: false` trains in this order, and `position_keys` hashes these columns.
+ORDER_COLUMNS = ("source_index", "file", "line")
+
+
 def position_keys(content_keys: np.ndarray, source_index: np.ndarray, files: list[str], lines: np.ndarray) -> np.ndarray:
     """One int64 per row for (its content, its source, file and line): `multiset_digest` of these names a
     set of pairs *and* where each one sits, so an entry that keeps positions is reused only in place."""

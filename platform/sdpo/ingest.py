@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.datasource import FileBasedDatasource
 
-from sdpo.caching import content_key, mix64, multiset_digest
+from sdpo.caching import ORDER_COLUMNS, content_key, mix64, multiset_digest
 from sdpo.config import ConfigError
 from sdpo.inputs import file_format
 from sdpo.partition import DROPPED, EVAL, UNUSED, PartitionSpec, row_keys
@@ -452,10 +452,6 @@ def _with_order(batch: pa.Table, seed: int) -> pa.Table:
         x = mix64(x + np.uint64(0x9E3779B97F4A7C15))
     return batch.append_column("_order", pa.array((x >> np.uint64(1)).astype(np.int64)))
 
-
-# A row's position in its sources, kept in the partitions (and in reference entries made for an ordered
-# stage): `training.shuffle: false` trains in this order.
-ORDER_COLUMNS = ("source_index", "file", "line")
 
 
 def split_dataset(data_dir: str, split: str, *, num_pairs: int, world_size: int, shuffle_seed: int | None,

@@ -83,7 +83,7 @@ class Target:
     what: str = ""
 
 
-SCORE_COLUMNS = ROW_COLUMNS + ["content_key", "source_index", "file", "line"]  # a split's rows, scored together
+SCORE_COLUMNS = ROW_COLUMNS + ["content_key", *caching.ORDER_COLUMNS]  # a split's rows, scored together
 TARGET_COLUMN = "_target"
 
 
@@ -165,17 +165,15 @@ def scored_split(split_dir: str | None, *, model: Any, model_digest: str | None,
     `groups`: score every response of each row's group too (listwise losses). `rows`: a Ray Dataset of
     the rows (ROW_COLUMNS and content_key) instead of `split_dir` (the training pool before the split);
     the entry is the same as a split's with the same pairs, so the two share the cache. `ordered`: the
-    entry keeps each row's position (`ingest.ORDER_COLUMNS`) for a stage trained in stored order
+    entry keeps each row's position (`caching.ORDER_COLUMNS`) for a stage trained in stored order
     (`training.shuffle: false`), and is reused only where the same pairs sit at the same positions."""
-    from sdpo.ingest import ORDER_COLUMNS
-
     if ordered and rows is not None:
         raise ValueError("ordered entries are made from a split's directory, whose rows carry their positions")
     found = split_target(split_dir, model_digest=model_digest, data_digest=data_digest, num_rows=num_rows,
                          settings=settings, uncached_dir=uncached_dir, groups=groups, ordered=ordered)
     if isinstance(found, caching.CacheEntry):
         return found
-    columns = ROW_COLUMNS + ["content_key"] + (list(ORDER_COLUMNS) if ordered else []) + (GROUP_COLUMNS if groups else [])
+    columns = ROW_COLUMNS + ["content_key"] + (list(caching.ORDER_COLUMNS) if ordered else []) + (GROUP_COLUMNS if groups else [])
     seconds = score_targets(model, [found], settings, work_dir="", columns=columns, rows=rows, groups=groups)
     key = found.marker["key"] if found.marker else None
     return caching.CacheEntry(key, found.path, "miss" if key else "uncached", seconds, num_rows / seconds, num_rows)
@@ -186,10 +184,8 @@ def order_digest(split_dir: str) -> str:
     small columns: 8 bytes a pair in the driver, as the ingest's content keys."""
     import ray.data
 
-    from sdpo.ingest import ORDER_COLUMNS
-
     parts = [caching.position_keys(b["content_key"], b["source_index"], b["file"].tolist(), b["line"])
-             for b in ray.data.read_parquet(split_dir, columns=["content_key", *ORDER_COLUMNS]).iter_batches(
+             for b in ray.data.read_parquet(split_dir, columns=["content_key", *caching.ORDER_COLUMNS]).iter_batches(
                  batch_format="numpy", batch_size=65536)]
     return caching.multiset_digest(np.concatenate(parts) if parts else np.zeros(0, np.int64))
 
@@ -211,8 +207,8 @@ def eval_complete(path: str) -> bool:
     return caching.read_marker(path) is not None
 
 
-EVAL_TABLE_COLUMNS = ["content_key", "source_index", "file", "line", "chosen_tokens", "rejected_tokens",
-                      "chosen_logps", "rejected_logps"]
+EVAL_TABLE_COLUMNS = ["content_key", *caching.ORDER_COLUMNS, "chosen_tokens", "rejected_tokens", "chosen_logps",
+                      "rejected_logps"]
 
 
 def _eval_table(path: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -752,9 +752,10 @@ class HeldOut:
     def stage_tables(self, stage: StagePlan) -> dict[str, str]:
         """The held-out tables of a stage's model, its reference and the base model (none without a
         held-out split)."""
-        t = stage.index
-        return {"policy": self.tables[t], "reference": self.tables[t - 1], "base": self.tables[0]} \
-            if self.enabled else {}
+        return self._tables(stage.index, stage.index - 1) if self.enabled else {}
+
+    def _tables(self, policy: int, reference: int) -> dict[str, str]:
+        return {"policy": self.tables[policy], "reference": self.tables[reference], "base": self.tables[0]}
 
     def _metrics(self, policy: int, reference: int, stage: StagePlan) -> dict[str, float]:
         """The held-out loss is the stage's own loss on each pair; a listwise loss's is DPO's (sigmoid),
@@ -765,8 +766,7 @@ class HeldOut:
         loss_type, options = stage.loss, stage.loss_options
         if get_loss(loss_type).listwise:
             loss_type, options = "sigmoid", {}
-        tables = {"policy": self.tables[policy], "reference": self.tables[reference], "base": self.tables[0]}
-        return eval_metrics(tables, loss_type=loss_type, beta=stage.beta, options=options, sources=self.sources)
+        return eval_metrics(self._tables(policy, reference), loss_type=loss_type, beta=stage.beta, options=options, sources=self.sources)
 
     def after_stage(self, stage: StagePlan, model: Any, digest: str | None,
                     also: list | None = None) -> dict[str, float]:
