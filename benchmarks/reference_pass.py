@@ -56,10 +56,17 @@ except ModuleNotFoundError as err:
     raise SystemExit(f"reference_pass.py needs the module {err.name!r}: pip install {err.name}") from None
 
 LOSS = LossSettings("sigmoid", 0.1, {})
-# Random-init Llama shapes for --synthetic-llama: big enough that matmuls, not Python, dominate.
+# Random-init Llama shapes for --synthetic-llama: big enough that matmuls, not Python, dominate. The names
+# count the decoder layers' parameters; without `vocab_size` the vocabulary is the tokenizer's (512 for
+# stories260K, where the lm_head is ~1% of the forward FLOPs; --vocab sets another).
 SYNTHETIC = {
     "25m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376),
     "85m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048),
+    # SmolLM2-135M's published shape (grouped-query attention, tied embeddings, a 49152-token vocabulary):
+    # a real small model's balance of lm_head, attention and MLP, with random weights.
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                         rms_norm_eps=1e-5),
 }
 
 
@@ -76,13 +83,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def add_synthetic_args(p: argparse.ArgumentParser) -> None:
+    """--synthetic-llama and --vocab, the same in every benchmark."""
+    p.add_argument("--synthetic-llama", choices=sorted(SYNTHETIC), default=None,
+                   help="benchmark a random-init Llama of this size instead of --model's weights")
+    p.add_argument("--vocab", type=_positive, default=None,
+                   help="the synthetic Llama's vocabulary (default: the shape's own, else --model's tokenizer: 512 "
+                        "for stories260K); 32000 is Llama 2's. The token ids still come from --model's tokenizer")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=_shared("models/stories260K"),
                    help="HF model directory; its tokenizer is used in every case")
-    p.add_argument("--synthetic-llama", choices=sorted(SYNTHETIC), default=None,
-                   help="benchmark a random-init Llama of this size (vocab from --model's tokenizer) instead")
+    add_synthetic_args(p)
     p.add_argument("--data", type=Path, default=_shared("data/ultrafeedback_binarized_1k.jsonl"))
     p.add_argument("--pairs", type=_positive, default=256)
     p.add_argument("--max-length", type=_positive, default=512)
@@ -162,12 +177,21 @@ def build_model(args, tok, dtype: torch.dtype, device: torch.device) -> torch.nn
         return load_model(str(args.model), dtype=dtype, device=device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = SYNTHETIC[args.synthetic_llama]
-    config = LlamaConfig(vocab_size=len(tok), num_key_value_heads=shape["num_attention_heads"],
-                         max_position_embeddings=max(512, args.max_length), bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **shape)
+    own = SYNTHETIC[args.synthetic_llama]
+    shape = {"num_key_value_heads": own["num_attention_heads"], "tie_word_embeddings": False, **own}
+    shape["vocab_size"] = synthetic_vocab(args, tok, shape.get("vocab_size"))
+    config = LlamaConfig(max_position_embeddings=max(512, args.max_length), bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, **shape)
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(dtype=dtype, device=device)
+
+
+def synthetic_vocab(args, tok, default: int | None = None) -> int:
+    """--vocab, else the shape's own vocabulary, else the tokenizer's size."""
+    vocab = getattr(args, "vocab", None) or default or len(tok)
+    if vocab < len(tok):
+        raise SystemExit(f"--vocab {vocab} is below the tokenizer's {len(tok)} ids")
+    return vocab
 
 
 def sync(device: torch.device) -> None:

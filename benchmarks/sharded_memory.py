@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_pass import SYNTHETIC, _positive, _shared, build_model, setup  # noqa: E402
+from reference_pass import _positive, _shared, add_synthetic_args, build_model, setup  # noqa: E402
 
 from sdpo.pair_layout import chunks, collate_shared  # noqa: E402
 from sdpo.sharding import as_float, full_optimizer_state, full_state_dict, save_sharded, shard_model  # noqa: E402
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=_shared("models/stories260K"))
-    p.add_argument("--synthetic-llama", choices=sorted(SYNTHETIC), default=None)
+    add_synthetic_args(p)
     p.add_argument("--data", type=Path, default=_shared("data/ultrafeedback_binarized_1k.jsonl"))
     p.add_argument("--world", type=_positive, default=2, help="ranks (processes); one per GPU on cuda")
     p.add_argument("--batch", type=_positive, default=4, help="pairs per rank per step")

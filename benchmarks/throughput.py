@@ -49,9 +49,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_pass import (  # noqa: E402  (the shared setup of the benchmarks)
-    SYNTHETIC,
     _positive,
     _shared,
+    add_synthetic_args,
     build_model,
     setup,
     sync,
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=_shared("models/stories260K"))
-    p.add_argument("--synthetic-llama", choices=sorted(SYNTHETIC), default=None)
+    add_synthetic_args(p)
     p.add_argument("--data", type=Path, default=_shared("data/ultrafeedback_binarized_1k.jsonl"))
     p.add_argument("--pairs", type=_positive, default=128)
     p.add_argument("--batch", type=_positive, default=8, help="pairs per step (TRL: per_device_train_batch_size)")
@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trl", action="store_true", help="also run trl.DPOTrainer (pip install -e '.[bench]')")
     p.add_argument("--trl-checkpointing", type=lambda v: {"on": True, "off": False}[v], default=None,
                    metavar="{on,off}", help="TRL's gradient checkpointing (default: TRL's own, on)")
+    p.add_argument("--trl-compact", action="store_true",
+                   help="TRL's fused LM head over the completion positions only, as TRL runs it on CUDA (on CPU "
+                        "it projects every position)")
     p.add_argument("--no-reference-pass", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     p.add_argument("--threads", type=_positive, default=None)
@@ -238,6 +241,7 @@ def main(argv=None) -> None:
     probe = build_model(args, tok, torch.float32, device)
     fwd = sum(pair_flops(probe, len(a), len(b), len(d)) for a, b, d in zip(*pairs, strict=True))
     n_params = sum(t.numel() for t in probe.parameters())
+    n_vocab = probe.get_output_embeddings().weight.shape[0]
     del probe
 
     rows = []
@@ -278,7 +282,7 @@ def main(argv=None) -> None:
         if args.trl:
             trl_info = run_trl(args, tok, pairs, reference, bf16, device, peak, fwd, rows) or trl_info
 
-    print_report(args, device, tok, n, skipped, n_params, pairs, rows, tokens, trl_info)
+    print_report(args, device, tok, n, skipped, n_params, n_vocab, pairs, rows, tokens, trl_info)
 
 
 def run_trl(args, tok, pairs, reference, bf16, device, peak, fwd, rows) -> dict | None:
@@ -294,27 +298,30 @@ def run_trl(args, tok, pairs, reference, bf16, device, peak, fwd, rows) -> dict 
         out = run_trl_dpo(policy, copy.deepcopy(reference), records, batch_size=args.batch,
                           steps=max(1, len(records) // args.batch - 1), beta=LOSS.beta, lr=LR,
                           precision="bf16" if bf16 else "fp32", pad_id=tok.pad_token_id or 0,
-                          device=device.type, gradient_checkpointing=args.trl_checkpointing)
-    stock = "stock" if args.trl_checkpointing is None else f"checkpointing {args.trl_checkpointing}"
-    rows.append(dict(what=f"TRL DPOTrainer ({stock})", precision="bf16 autocast" if bf16 else "fp32",
+                          device=device.type, gradient_checkpointing=args.trl_checkpointing,
+                          compact_lm_head=args.trl_compact)
+    changed = [] if args.trl_checkpointing is None else [f"checkpointing {'on' if args.trl_checkpointing else 'off'}"]
+    changed += ["compact head"] if args.trl_compact else []
+    rows.append(dict(what=f"TRL DPOTrainer ({', '.join(changed) or 'stock'})", precision="bf16 autocast" if bf16 else "fp32",
                      seconds=len(records) / out["pairs_s"], flops=fwd * 4, peak=peak, mb=mem.mb, pad=None,
                      first=out["first_batch_loss"]))
     return out
 
 
-def print_report(args, device, tok, n, skipped, n_params, pairs, rows, tokens, trl_info) -> None:
+def print_report(args, device, tok, n, skipped, n_params, n_vocab, pairs, rows, tokens, trl_info) -> None:
     import transformers
 
     p, c, r = pairs
     mean = lambda xs: sum(map(len, xs)) / len(xs)  # noqa: E731
     what = f"synthetic Llama {args.synthetic_llama}" if args.synthetic_llama else args.model.name
+    what += f" (vocab {n_vocab})"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}"
           + (f", trl {trl_info['trl_version']}" if trl_info else ""))
     print(f"device {device.type} ({name}), {torch.get_num_threads()} threads; model {what}, {n_params / 1e6:.2f}M params")
     print(f"data {args.data.name}: {n} pairs ({skipped} skipped); mean tokens prompt {mean(p):.0f}, chosen "
           f"{mean(c):.0f}, rejected {mean(r):.0f}; batch {args.batch} pairs, lr {LR}, beta {LOSS.beta}")
-    head = (f"{'':<34} {'precision':<13} {'pairs/s':>8} {'tokens/s':>9} {'pad %':>6} {'MFU %':>6} "
+    head = (f"{'':<38} {'precision':<13} {'pairs/s':>8} {'tokens/s':>9} {'pad %':>6} {'MFU %':>6} "
             f"{'peak MB':>8} {'1st loss':>9}")
     print(head)
     print("-" * len(head))
@@ -322,7 +329,7 @@ def print_report(args, device, tok, n, skipped, n_params, pairs, rows, tokens, t
         pad = f"{row['pad']:.1f}" if row["pad"] is not None else "-"
         first = f"{row['first']:.5f}" if "first" in row else "-"
         mfu = 100 * row["flops"] / row["seconds"] / row["peak"]
-        print(f"{row['what']:<34} {row['precision']:<13} {n / row['seconds']:>8.2f} {tokens / row['seconds']:>9.0f} "
+        print(f"{row['what']:<38} {row['precision']:<13} {n / row['seconds']:>8.2f} {tokens / row['seconds']:>9.0f} "
               f"{pad:>6} {mfu:>6.1f} {row['mb']:>8.0f} {first:>9}")
     disagree = []
     for precision in sorted({row["precision"] for row in rows}):

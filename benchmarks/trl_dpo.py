@@ -53,6 +53,7 @@ Torch + transformers + trl (`pip install -e '.[bench]'`), no Ray; the standalone
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -72,6 +73,7 @@ try:
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+    from trl.trainer import utils as _trl_utils
 except ModuleNotFoundError as err:
     raise SystemExit(f"trl_dpo.py needs {err.name!r}: pip install -e '.[bench]'") from None
 
@@ -170,6 +172,21 @@ def _stand_in_tokenizer(pad_id: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", eos_token="<pad>")
 
 
+@contextlib.contextmanager
+def _compact_lm_head(on: bool):
+    """TRL's fused LM head scores only the labelled positions where `_use_triton` says the device has Triton
+    (`trl.trainer.utils`, the one caller that picks the positions; the kernels keep their own torch path)."""
+    if not on:
+        yield
+        return
+    stock = _trl_utils._use_triton
+    _trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        _trl_utils._use_triton = stock
+
+
 def run_trl_dpo(
     policy: torch.nn.Module,
     reference: torch.nn.Module,
@@ -184,6 +201,7 @@ def run_trl_dpo(
     device: str = "cpu",
     warmup_steps: int = 1,
     gradient_checkpointing: bool | None = None,
+    compact_lm_head: bool = False,
 ) -> dict:
     """Train `policy` against `reference` for warmup_steps + steps TRL DPO steps; pairs/s over the last `steps`.
 
@@ -192,6 +210,8 @@ def run_trl_dpo(
     dicts with `prompt_ids`, `chosen_ids`, `rejected_ids` (lists of ints, completions ending with EOS);
     step k trains on pairs[k * batch_size:(k + 1) * batch_size], so there must be at least
     (warmup_steps + steps) * batch_size of them. `gradient_checkpointing=None` keeps TRL's default (on).
+    `compact_lm_head=True` makes TRL's fused LM head project only the completion positions, as it does on a
+    device with Triton (CUDA), where on CPU it projects every position: TRL as it would run on a GPU.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
@@ -246,7 +266,8 @@ def run_trl_dpo(
             callbacks=[clock],
         )
         uses_given_reference = trainer.accelerator.unwrap_model(trainer.ref_model) is reference
-        trainer.train()
+        with _compact_lm_head(compact_lm_head):
+            trainer.train()
 
     seconds = sum(clock.step_seconds)
     n_timed = steps * batch_size
@@ -275,6 +296,7 @@ def run_trl_dpo(
         "uses_given_reference": uses_given_reference,
         "trl_settings": {
             "gradient_checkpointing": args.gradient_checkpointing,
+            "lm_head_positions": "completion" if compact_lm_head or _trl_utils._use_triton(dev) else "every",
             "padding_free": trainer.padding_free,
             "precompute_ref_log_probs": args.precompute_ref_log_probs,
             "optim": str(getattr(args.optim, "value", args.optim)),
@@ -344,14 +366,13 @@ def first_batch_loss_fp64(policy, reference, pairs: list[dict], *, beta: float =
 def parse_args(argv=None) -> argparse.Namespace:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     _import_sdpo()
-    from reference_pass import SYNTHETIC, _positive, _shared
+    from reference_pass import _positive, _shared, add_synthetic_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=_shared("models/stories260K"),
                    help="HF model directory; its tokenizer is used in every case")
-    p.add_argument("--synthetic-llama", choices=sorted(SYNTHETIC), default=None,
-                   help="a random-init Llama of this size (reference_pass.SYNTHETIC) instead of --model's weights")
+    add_synthetic_args(p)
     p.add_argument("--data", type=Path, default=_shared("data/ultrafeedback_binarized_1k.jsonl"))
     p.add_argument("--max-length", type=_positive, default=512)
     p.add_argument("--max-prompt-length", type=_positive, default=256)
@@ -365,6 +386,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--noise", type=float, default=0.01,
                    help="std of the seeded Gaussian noise added to the policy's weights (the reference is unperturbed)")
     p.add_argument("--gradient-checkpointing", choices=["trl-default", "on", "off"], default="trl-default")
+    p.add_argument("--compact-lm-head", action="store_true",
+                   help="the fused LM head over the completion positions only, as TRL runs it on CUDA")
     p.add_argument("--tolerance", type=float, default=None,
                    help="allowed |TRL - ours| (and |TRL - fp64| in fp32); default 2e-5 in fp32, 2e-2 x loss in bf16")
     p.add_argument("--skip-fp64", action="store_true",
@@ -416,7 +439,8 @@ def main(argv=None) -> int:
     gc = {"trl-default": None, "on": True, "off": False}[args.gradient_checkpointing]
     res = run_trl_dpo(copy.deepcopy(policy), copy.deepcopy(reference), pairs, batch_size=args.batch_size,
                       steps=args.steps, beta=args.beta, lr=args.lr, precision=args.precision, pad_id=pad_id,
-                      device=args.device, warmup_steps=args.warmup_steps, gradient_checkpointing=gc)
+                      device=args.device, warmup_steps=args.warmup_steps, gradient_checkpointing=gc,
+                      compact_lm_head=args.compact_lm_head)
 
     what = f"synthetic Llama {args.synthetic_llama} (random init)" if args.synthetic_llama else str(args.model)
     trl_loss = res["first_batch_loss"]

@@ -15,7 +15,8 @@ position, the same logit row as chosen's first, so that row is read twice.
 
 The log-probs are those of the plain layout up to float summation order (tests check loss and gradients
 against it). It saves the prompt's compute (~20% of the tokens of UltraFeedback pairs) and the
-lm_head and logits of every prompt position (the lm_head is ~40% of a 25M Llama's forward FLOPs).
+lm_head and logits of every prompt position (the lm_head is ~20% of a small model's forward FLOPs:
+21% of SmolLM2-135M's, 39% of 8 layers of width 512 with Llama 2's 32000-token vocabulary).
 
 Padding: the pairs are sorted by length and the micro-batch is cut into at most `max_splits` row
 chunks where that removes padding (`split_points`): each chunk is its own forward/backward, and since
