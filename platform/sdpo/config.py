@@ -262,10 +262,11 @@ class TrainingConfig(_Strict):
         "completion positions (exact; sdpa/eager attention, pairwise losses). false: two rows per pair.",
     )
     prefix_cache: bool = Field(
-        False, description="With shared_prompt: compute the prompt through the model's KV cache (the prompts, "
+        True, description="With shared_prompt: compute the prompt through the model's KV cache (the prompts, "
         "then chosen and rejected over their keys/values) instead of one row under a 4D mask: ~40% less "
-        "attention work, a little more padding (exact; measured 5-9% faster on a 25M Llama on CPU, slower "
-        "on tiny models in bf16). Falls back to the mask under gradient checkpointing.",
+        "attention work and less activation memory, a little more padding (exact; on CPU 5-11% faster in "
+        "fp32 and up to 24% in bf16 on a SmolLM2-135M-shaped Llama, slower only on tiny models in bf16). "
+        "Falls back to the mask under gradient checkpointing. false: the 4D-mask row.",
     )
     length_splits: int = Field(
         4, gt=0, description="With shared_prompt: the most chunks a micro-batch (sorted by length) is cut into "
