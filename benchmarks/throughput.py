@@ -15,7 +15,9 @@ before the throughput work; `shared` is `pair_layout`: one row per pair with the
 logits only at completion positions, rows sorted by length and cut where that trims padding; `prefix` is
 `prefix_cache`: the same pairs with the prompt computed once through the KV cache instead of a 4D mask
 (prompts alone, then chosen and rejected over the cached keys/values: attention ~P^2 + C(P+C) + R(P+R) a
-pair rather than (P+C+R)^2). The reference pass has no prefix variant: `prefix` alone times the shared one.
+pair rather than (P+C+R)^2), training's default (`training.prefix_cache`). The reference pass has no prefix
+variant: `prefix` alone times the shared one. `--trl-compact` runs TRL's fused lm_head over the completion
+positions only, as TRL does on CUDA (on CPU it projects every position).
 
 Columns: pairs/s; tokens/s = non-padding tokens of the two sequences of each pair (2P+C+R), the same
 count for every layout and for TRL; pad % = computed positions that are padding (`prefix` computes P+C+R-2
@@ -30,6 +32,7 @@ Torch only (no Ray): runs on a GPU machine with torch + transformers. From the r
 
     .venv/bin/python benchmarks/throughput.py                                        # stories260K
     .venv/bin/python benchmarks/throughput.py --synthetic-llama 25m --pairs 48 --trl # ~26M Llama vs TRL
+    .venv/bin/python benchmarks/throughput.py --synthetic-llama smollm2-135m --pairs 24 --online --trl --trl-compact
     python benchmarks/throughput.py --device cuda --synthetic-llama 85m --pairs 512 --batch 16 --trl
 
 Results are in benchmarks/README.md.
@@ -80,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-prompt-length", type=_positive, default=256)
     p.add_argument("--micro-batch", type=_positive, default=32, help="reference pass: pairs per forward")
     p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
-    p.add_argument("--layouts", default="plain,shared")
+    p.add_argument("--layouts", default="plain,shared,prefix")
     p.add_argument("--online", action="store_true", help="reference inside the step (TRL's default) for ours too")
     p.add_argument("--trl", action="store_true", help="also run trl.DPOTrainer (pip install -e '.[bench]')")
     p.add_argument("--trl-checkpointing", type=lambda v: {"on": True, "off": False}[v], default=None,
