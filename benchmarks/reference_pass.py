@@ -67,6 +67,10 @@ SYNTHETIC = {
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
                          rms_norm_eps=1e-5),
+    # Llama 3.2 1B's shape (its rope scaling left out: it changes no FLOPs): for a GPU, too slow for this CPU.
+    "llama3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                        intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                        rms_norm_eps=1e-5),
 }
 
 
@@ -183,7 +187,9 @@ def build_model(args, tok, dtype: torch.dtype, device: torch.device) -> torch.nn
     config = LlamaConfig(max_position_embeddings=max(512, args.max_length), bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, **shape)
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(dtype=dtype, device=device)
+    with torch.device(device):  # initialised where it runs: a 1B model's init takes seconds on a CPU
+        model = LlamaForCausalLM(config)
+    return model.to(dtype=dtype)
 
 
 def synthetic_vocab(args, tok, default: int | None = None) -> int:
