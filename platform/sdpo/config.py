@@ -265,7 +265,7 @@ class TrainingConfig(_Strict):
         True, description="With shared_prompt: compute the prompt through the model's KV cache (the prompts, "
         "then chosen and rejected over their keys/values) instead of one row under a 4D mask: ~40% less "
         "attention work and less activation memory, a little more padding (exact; on CPU 5-11% faster in "
-        "fp32 and up to 24% in bf16 on a SmolLM2-135M-shaped Llama, slower only on tiny models in bf16). "
+        "fp32 and up to 24% in bf16 on a SmolLM2-135M-shaped Llama; slower on toy models and very short pairs). "
         "Falls back to the mask under gradient checkpointing. false: the 4D-mask row.",
     )
     length_splits: int = Field(
