@@ -194,7 +194,7 @@ def build_model(args, tok, dtype: torch.dtype, device: torch.device) -> torch.nn
 
 def synthetic_vocab(args, tok, default: int | None = None) -> int:
     """--vocab, else the shape's own vocabulary, else the tokenizer's size."""
-    vocab = getattr(args, "vocab", None) or default or len(tok)
+    vocab = args.vocab or default or len(tok)
     if vocab < len(tok):
         raise SystemExit(f"--vocab {vocab} is below the tokenizer's {len(tok)} ids")
     return vocab

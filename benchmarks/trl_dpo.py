@@ -62,6 +62,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -172,21 +173,6 @@ def _stand_in_tokenizer(pad_id: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", eos_token="<pad>")
 
 
-@contextlib.contextmanager
-def _compact_lm_head(on: bool):
-    """TRL's fused LM head scores only the labelled positions where `_use_triton` says the device has Triton
-    (`trl.trainer.utils`, the one caller that picks the positions; the kernels keep their own torch path)."""
-    if not on:
-        yield
-        return
-    stock = _trl_utils._use_triton
-    _trl_utils._use_triton = lambda device: True
-    try:
-        yield
-    finally:
-        _trl_utils._use_triton = stock
-
-
 def run_trl_dpo(
     policy: torch.nn.Module,
     reference: torch.nn.Module,
@@ -266,7 +252,10 @@ def run_trl_dpo(
             callbacks=[clock],
         )
         uses_given_reference = trainer.accelerator.unwrap_model(trainer.ref_model) is reference
-        with _compact_lm_head(compact_lm_head):
+        # TRL's fused LM head scores only the labelled positions where `_use_triton` says the device has Triton
+        # (`trl.trainer.utils`, the one caller that picks the positions; the kernels keep their own torch path)
+        compact = mock.patch.object(_trl_utils, "_use_triton", lambda device: True)
+        with compact if compact_lm_head else contextlib.nullcontext():
             trainer.train()
 
     seconds = sum(clock.step_seconds)
