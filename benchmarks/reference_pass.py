@@ -48,6 +48,7 @@ try:
 except ModuleNotFoundError:
     sys.path.insert(0, str(REPO / "platform"))  # a checkout without the install
 try:
+    from sdpo.head_logps import DEFAULT_MAX_LOGITS_MB, set_max_logits_mb
     from sdpo.logprobs import collate_pairs
     from sdpo.rows import RowError, prepare_record
     from sdpo.scoring import load_model, resolve_precision, score_pairs
@@ -94,6 +95,18 @@ def add_synthetic_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=_positive, default=None,
                    help="the synthetic Llama's vocabulary (default: the shape's own, else --model's tokenizer: 512 "
                         "for stories260K); 32000 is Llama 2's. The token ids still come from --model's tokenizer")
+    p.add_argument("--max-logits-mb", type=_budget, default=DEFAULT_MAX_LOGITS_MB,
+                   help="training.max_logits_mb: fp32 MiB of one forward's completion logits above which the "
+                        "lm_head runs in slices (default %(default)s; 'none' never slices)")
+
+
+def _budget(value: str) -> float | None:
+    if value.lower() in ("none", "null"):
+        return None
+    mb = float(value)
+    if mb <= 0:
+        raise argparse.ArgumentTypeError(f"--max-logits-mb must be > 0 or 'none', got {value}")
+    return mb
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -177,6 +190,12 @@ def setup(args):
 
 def build_model(args, tok, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """--model's weights, or the same seeded random Llama on every call."""
+    model = _build_model(args, tok, dtype, device)
+    set_max_logits_mb(model, getattr(args, "max_logits_mb", DEFAULT_MAX_LOGITS_MB))
+    return model
+
+
+def _build_model(args, tok, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     if args.synthetic_llama is None:
         return load_model(str(args.model), dtype=dtype, device=device)
     from transformers import LlamaConfig, LlamaForCausalLM

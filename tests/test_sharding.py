@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from sdpo import head_logps
+from sdpo.head_logps import set_max_logits_mb
 from sdpo.pair_layout import chunks, collate_shared
 from sdpo.sharding import (
     as_float,
@@ -75,11 +77,17 @@ def train(policy, reference, optimizer, steps, rank, world):
     return log
 
 
-def run_rank(rank, world, port, out, resume):
+def run_rank(rank, world, port, out, resume, slice_rows=None):
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     policy, reference = tiny_model(), freeze(tiny_model())
+    sliced = []
+    if slice_rows:  # the lm_head's log-probs in slices of `slice_rows` rows (head_logps), counted
+        for m in (policy, reference):
+            set_max_logits_mb(m, slice_rows * 4 * m.config.vocab_size / 2**20)
+        apply = head_logps._ChunkedLogps.apply
+        head_logps._ChunkedLogps.apply = lambda *a: sliced.append(a[5]) or apply(*a)
     sharded = isinstance(resume, dict)  # {"dcp": a save_sharded checkpoint, "step": where it stopped}
     if resume is not None and not sharded:  # each rank reads the checkpoint file and loads the whole
         resume = torch.load(resume, weights_only=False)  # weights before sharding (the gathered format)
@@ -103,7 +111,7 @@ def run_rank(rank, world, port, out, resume):
     log += train(policy, reference, optimizer, steps[1:], rank, world)
     weights = full_state_dict(policy)
     if rank == 0:
-        result = {"log": log, "middle": middle, "sharded": is_sharded(policy)}
+        result = {"log": log, "middle": middle, "sharded": is_sharded(policy), "sliced": sliced}
         result["weights"] = weights if weights is not None else policy.state_dict()
         if weights is not None:  # the worker's checkpoint: save_pretrained of the sharded model, gathered
             policy.save_pretrained(out / "model", state_dict=dict(weights))  # it pops what it writes
@@ -116,15 +124,16 @@ def run_rank(rank, world, port, out, resume):
         os._exit(0)
 
 
-def launch(world, out, resume=None):
+def launch(world, out, resume=None, slice_rows=None):
     out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if world == 1:
-        run_rank(0, 1, port, out, resume)
+        run_rank(0, 1, port, out, resume, slice_rows)
     else:
-        mp.start_processes(run_rank, args=(world, port, out, resume), nprocs=world, start_method="spawn")
+        mp.start_processes(run_rank, args=(world, port, out, resume, slice_rows), nprocs=world,
+                           start_method="spawn")
     return torch.load(out / "result.pt", weights_only=False)
 
 
@@ -153,6 +162,19 @@ def test_two_sharded_ranks_train_like_one_process(runs):
     start = tiny_model().state_dict()
     assert max((one["weights"][k] - start[k]).abs().max().item() for k in start) > 1e-3
     assert_weights_close(two["weights"], one["weights"], atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_sharded_ranks_with_the_lm_head_in_slices_train_like_one_process(runs):
+    """Under FSDP the sliced log-probs run inside the lm_head's forward, where its weight is gathered,
+    and their gradient reaches the sharded weight: same trajectory as one process with whole logits."""
+    one = runs["one"]
+    sliced = launch(2, runs["base"] / "two-sliced", slice_rows=3)
+    assert sliced["sharded"] and sliced["sliced"] and set(sliced["sliced"]) == {3}
+    for (l1, n1), (l2, n2) in zip(one["log"], sliced["log"], strict=True):
+        assert l2 == pytest.approx(l1, rel=1e-5)
+        assert n2 == pytest.approx(n1, rel=1e-5)
+    assert_weights_close(sliced["weights"], one["weights"], atol=1e-5)
 
 
 @pytest.mark.timeout(300)

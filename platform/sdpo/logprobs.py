@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from sdpo.head_logps import head_returns_logps, logps_head, max_logits_mb
+
 Tensor = torch.Tensor
 
 
@@ -120,7 +122,8 @@ def token_logps_sum(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) 
     """
     targets = completion_mask[:, 1:]
     rows = targets.nonzero(as_tuple=True)[0]
-    picked = logits[:, :-1][targets].float()  # [N, V], N = completion tokens in the batch
+    picked = logits[:, :-1][targets]  # [N, V], N = completion tokens in the batch
+    picked = picked if picked.dtype == torch.float64 else picked.float()  # the log-softmax in fp32 at least
     labels = input_ids[:, 1:][targets]
     token_logps = picked.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
     n = input_ids.shape[0]
@@ -133,14 +136,33 @@ def token_logps_sum(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, average: bool = False) -> Tensor:
     """log pi(y|x) per row of the batch: the sum over completion tokens, or their mean if `average`."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    )
-    sums, counts = token_logps_sum(out.logits, batch["input_ids"], batch["completion_mask"])
+    sums, counts = sequence_logps_sums(model, batch)
     return sums / counts.clamp(min=1) if average else sums
+
+
+def sequence_logps_sums(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Each row's summed completion log-probs and completion token count, from one forward.
+
+    Where the model allows it (`head_logps.logps_head`) the lm_head runs only at the positions that predict
+    a completion token and returns their log-probs, in slices above the model's logits budget; otherwise
+    the full [N, L, V] logits come back and `token_logps_sum` picks the completion positions.
+    """
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    targets = batch["completion_mask"][:, 1:]
+    head = logps_head(model)
+    if head is None:
+        out = model(**inputs, use_cache=False)
+        return token_logps_sum(out.logits, batch["input_ids"], batch["completion_mask"])
+    labels = batch["input_ids"][:, 1:][targets]
+    keep = torch.nn.functional.pad(targets, (0, 1))  # column t predicts token t+1: the same order as labels
+    with head_returns_logps(head, torch.arange(labels.shape[0], device=labels.device), labels,
+                            max_logits_mb(model)):
+        token_logps = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    rows = targets.nonzero(as_tuple=True)[0]
+    # float64 accumulation, as token_logps_sum
+    sums = torch.zeros(targets.shape[0], dtype=torch.float64, device=token_logps.device)
+    sums = sums.index_add(0, rows, token_logps.double()).to(token_logps.dtype)
+    return sums, targets.sum(-1)
 
 
 def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:

@@ -28,9 +28,12 @@ attention ignores masks; `supports_shared_prompt` says so and the caller uses th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+
+from sdpo.head_logps import head_returns_logps, logps_head, max_logits_mb, plain_logps, takes_logits_to_keep
 
 Tensor = torch.Tensor
 
@@ -209,35 +212,26 @@ def shared_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, a
         if torch.is_autocast_enabled(batch["input_ids"].device.type):
             additive = torch.get_autocast_dtype(batch["input_ids"].device.type)
     keep, kept, labels, seq = logit_targets(batch)
-    extra = {"logits_to_keep": keep} if _takes_logits_to_keep(model) else {}
-    out = model(input_ids=batch["input_ids"], attention_mask=attention_mask(batch, additive_dtype=additive),
-                position_ids=batch["position_ids"], use_cache=False, **extra)
-    logits = out.logits
-    if logits.dim() == 3:  # a model without boolean logits_to_keep: select the rows here
-        logits = logits[keep]
-    lse = torch.logsumexp(logits.float(), dim=-1)  # [K]: one normaliser per kept row
-    token_logps = logits[kept, labels].float() - lse[kept]
+    head = logps_head(model)  # the lm_head returns the log-probs (head_logps.py), else logits come back
+    extra = {"logits_to_keep": keep} if takes_logits_to_keep(model) else {}
+    with head_returns_logps(head, kept, labels, max_logits_mb(model)) if head else contextlib.nullcontext():
+        out = model(input_ids=batch["input_ids"], attention_mask=attention_mask(batch, additive_dtype=additive),
+                    position_ids=batch["position_ids"], use_cache=False, **extra)
+    if head is not None:
+        token_logps = out.logits
+    else:
+        logits = out.logits
+        if logits.dim() == 3:  # a model without boolean logits_to_keep: select the rows here
+            logits = logits[keep]
+        token_logps = plain_logps(logits, kept, labels)  # [K] rows, one normaliser each
     b = batch["input_ids"].shape[0]
     # float64 accumulation, as logprobs.token_logps_sum
-    sums = torch.zeros(2 * b, dtype=torch.float64, device=logits.device).index_add(0, seq, token_logps.double())
+    sums = torch.zeros(2 * b, dtype=torch.float64, device=token_logps.device).index_add(0, seq, token_logps.double())
     sums = sums.to(token_logps.dtype)
     if not average:
         return sums
     counts = torch.cat([batch["chosen_len"], batch["rejected_len"]]).clamp(min=1)
     return sums / counts
-
-
-def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    import inspect
-
-    import transformers.modeling_utils as mu
-
-    # Boolean [B, L] logits_to_keep arrived with `slice_logits_to_keep` (transformers 5); before it the
-    # argument was an int or a 1D index only, so the full logits are computed and selected here instead.
-    if not hasattr(mu, "slice_logits_to_keep"):
-        return False
-    inner = getattr(model, "module", model)  # DDP: the wrapper forwards keyword arguments unchanged
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def completion_tokens(batch: dict[str, Tensor]) -> Tensor:

@@ -232,7 +232,7 @@ def stage_config(job: JobConfig, stage: StagePlan, init: Any, reference: Any, th
         "lr_scheduler": t.lr_scheduler, "warmup_ratio": t.warmup_ratio, "max_grad_norm": t.max_grad_norm,
         "precision": t.precision, "logging_steps": t.logging_steps, "shuffle": t.shuffle,
         "shared_prompt": t.shared_prompt, "length_splits": t.length_splits, "parallelism": t.parallelism, "prefix_cache": t.prefix_cache,
-        "gradient_checkpointing": t.gradient_checkpointing,
+        "max_logits_mb": t.max_logits_mb, "gradient_checkpointing": t.gradient_checkpointing,
         "seed": job.seed * 1000 + stage.index, "torch_threads": threads,
         "checkpoint_every": job.checkpointing.every_steps,
         "inject_fault": os.environ.get("SDPO_INJECT_FAULT"),  # fault drills and tests (worker._inject_fault)

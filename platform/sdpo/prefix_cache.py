@@ -45,12 +45,14 @@ worker's bookkeeping apply unchanged; its `prompt_ids` [B, P], `chosen_ids` [B, 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 
 import torch
 
-from sdpo.pair_layout import _takes_logits_to_keep, best_splits, shared_sequence_logps
+from sdpo.head_logps import head_returns_logps, logps_head, max_logits_mb, plain_logps, takes_logits_to_keep
+from sdpo.pair_layout import best_splits, shared_sequence_logps
 
 Tensor = torch.Tensor
 
@@ -148,13 +150,13 @@ def prefix_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, a
 
     # 1. the prompts, once
     cache = DynamicCache()
-    first = _logits(model, prompt, prompt_mask, cols_p.expand(b, -1), last, cache)  # [B, V]
+    rows = torch.arange(b, device=device).repeat(2)  # each prompt's last logit predicts both first tokens
+    first = _kept_logps(model, prompt, prompt_mask, cols_p.expand(b, -1), last, cache,
+                        rows, torch.cat([chosen[:, 0], rejected[:, 0]]))
     if cache.get_seq_length() != width_p:  # the model did not keep its keys/values: the mask layout
         return shared_sequence_logps(model, as_shared(batch), average=average)
     prompt_kv = [(k, v) for k, v, *_ in cache]
-    rows = torch.arange(b, device=device)
-    first_lse = torch.logsumexp(first.float(), dim=-1).repeat(2)
-    token_logps = [torch.cat([first[rows, chosen[:, 0]], first[rows, rejected[:, 0]]]).float() - first_lse]
+    token_logps = [first]
     seq = [torch.arange(2 * b, device=device)]
 
     # 2. the chosen completions (sequences 0..B-1), then the rejected (B..2B-1), each over the prompts' cache
@@ -167,9 +169,9 @@ def prefix_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, a
         cols = torch.arange(width, device=device)
         mask = torch.cat([prompt_mask, cols[None, :] < lens[:, None]], dim=1)
         keep = cols[None, :] < (lens - 1)[:, None]  # column t predicts token t+1
-        logits = _logits(model, ids[:, :width], mask, p[:, None] + cols, keep, cache)
-        token_logps.append(logits.gather(-1, ids[:, 1:][keep][:, None]).squeeze(-1).float()
-                           - torch.logsumexp(logits.float(), dim=-1))
+        labels = ids[:, 1:][keep]
+        token_logps.append(_kept_logps(model, ids[:, :width], mask, p[:, None] + cols, keep, cache,
+                                       torch.arange(labels.shape[0], device=device), labels))
         seq.append(keep.nonzero(as_tuple=True)[0] + offset)
     # float64 accumulation, as logprobs.token_logps_sum
     values = torch.cat(token_logps)
@@ -180,14 +182,20 @@ def prefix_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, a
     return sums / torch.cat([c, r]).clamp(min=1)
 
 
-def _logits(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, keep: Tensor, cache) -> Tensor:
-    """[K, V] logits at the `keep` positions of a forward that reads and extends `cache`."""
-    extra = {"logits_to_keep": keep} if _takes_logits_to_keep(model) else {}
+def _kept_logps(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, keep: Tensor, cache,
+                rows: Tensor, labels: Tensor) -> Tensor:
+    """log p(labels[t]) under the logit of the rows[t]-th `keep` position [T], fp32, from a forward that
+    reads and extends `cache` (the lm_head computes them where it can, `head_logps`)."""
+    head = logps_head(model)
+    extra = {"logits_to_keep": keep} if takes_logits_to_keep(model) else {}
     extra[_cache_argument(model)] = cache
-    out = model(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
-                use_cache=True, **extra)
+    with head_returns_logps(head, rows, labels, max_logits_mb(model)) if head else contextlib.nullcontext():
+        out = model(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
+                    use_cache=True, **extra)
+    if head is not None:
+        return out.logits
     logits = out.logits
-    return logits[keep] if logits.dim() == 3 else logits
+    return plain_logps(logits[keep] if logits.dim() == 3 else logits, rows, labels)
 
 
 def _cache_argument(model: torch.nn.Module) -> str:

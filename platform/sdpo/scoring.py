@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sdpo.logprobs import collate_pairs, collate_sequences, row_groups, token_logps_sum
+from sdpo.logprobs import collate_pairs, collate_sequences, row_groups, sequence_logps_sums
 from sdpo.pair_layout import chunks, collate_shared, shared_sequence_logps, supports_shared_prompt
 
 TOKENS = ("chosen_tokens", "rejected_tokens")
@@ -106,9 +106,7 @@ def score_pairs(
         batch = collate_pairs([prompt_ids[i] for i in idx], [chosen_ids[i] for i in idx],
                               [rejected_ids[i] for i in idx])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False).logits
-        sums, counts = token_logps_sum(logits, batch["input_ids"], batch["completion_mask"])
+        sums, counts = sequence_logps_sums(model, batch)
         b = len(idx)
         sums, counts = sums.double().cpu().numpy(), counts.cpu().numpy()
         out["chosen_logps"][idx], out["rejected_logps"][idx] = sums[:b], sums[b:]
@@ -140,9 +138,7 @@ def score_groups(
         batch = collate_sequences([prompt_ids[flat[i][0]] for i in idx],
                                   [groups[flat[i][0]][flat[i][1]] for i in idx])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False).logits
-        sums, counts = token_logps_sum(logits, batch["input_ids"], batch["completion_mask"])
+        sums, counts = sequence_logps_sums(model, batch)
         sums, counts = sums.double().cpu().numpy(), counts.cpu().numpy()
         for j, i in enumerate(idx):
             r, k, _ = flat[i]

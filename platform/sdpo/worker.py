@@ -29,6 +29,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import CheckpointConsistencyMode
 
+from sdpo.head_logps import DEFAULT_MAX_LOGITS_MB, set_max_logits_mb
 from sdpo.logprobs import collate_groups, collate_pairs, row_groups
 from sdpo.pair_layout import chunks, collate_shared, completion_tokens, supports_shared_prompt
 from sdpo.prefix_cache import collate_prefix
@@ -210,6 +211,9 @@ def stage_loop(cfg: dict) -> None:
             reference = freeze(_load(cfg["reference"], cfg, device))
         # Proof the reference stays frozen and is exactly M_{t-1}; rank 0 alone writes the stage metrics.
         reference_digest = fingerprint(reference) if rank == 0 and reference is not None else None
+        for m in (policy, reference):  # the lm_head's logits budget (head_logps.py)
+            if m is not None:
+                set_max_logits_mb(m, cfg.get("max_logits_mb", DEFAULT_MAX_LOGITS_MB))
         policy.train()
         if cfg.get("gradient_checkpointing"):
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
