@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine, from the repository root, after benchmarks/gpu/prepare.sh here:
-#   device tool: run(command="bash benchmarks/gpu/run.sh", carry=[".gpu"], timeout_s=540)
+#   device tool: run(command="bash benchmarks/gpu/run.sh", carry=[".gpu"], timeout_s=600)
 # Torch only (no Ray). Every log lands in $OUT (or ./gpu-out). Each benchmark has its own time limit, so
 # one that fails or hangs leaves the others their share of a short lease. A dry run here, on CPU, small:
 #   PYTHON=.venv/bin/python SDPO_DEVICE=cpu SDPO_ONLY=smollm2_fp32 SDPO_EXTRA="--synthetic-llama 25m --pairs 8 --batch 4" \
@@ -27,3 +27,6 @@ bench() {  # name, seconds, args...
 bench smollm2_bf16 150 --synthetic-llama smollm2-135m --pairs 256 --batch 16 --precision bf16
 bench llama1b_bf16 180 --synthetic-llama llama3.2-1b --pairs 128 --batch 8 --precision bf16 --layouts shared,prefix
 bench smollm2_fp32 120 --synthetic-llama smollm2-135m --pairs 128 --batch 16 --precision fp32 --layouts shared,prefix
+# the 1B again with whole logits (the default slices them above 256 MiB, recomputing each slice in the
+# backward): what the slices cost on a GPU
+bench llama1b_bf16_unsliced 90 --synthetic-llama llama3.2-1b --pairs 64 --batch 8 --precision bf16 --layouts prefix --max-logits-mb none
