@@ -5,8 +5,9 @@ The pair layouts ask the model for logits only where a completion token is predi
 the step. Llama 3's 128,256 tokens make 8 pairs of 500-token completions a 4 GB fp32 matrix, and the
 log-softmax's backward holds about two more of it.
 
-So where the model allows it (`logps_head`), the lm_head itself computes the log-probs: while a forward
-runs under `head_returns_logps`, the model's output projection receives the kept hidden states [K, d] and
+So where the model allows it (`logps_head`), the lm_head itself computes the log-probs (`model_logps`, what
+every layout calls: the shared-prompt row, the prefix cache's three calls, the two-row layout and the
+listwise groups): while a forward runs under `head_returns_logps`, the model's output projection receives the kept hidden states [K, d] and
 returns log p(label) per target [T] instead of logits. Up to `max_logits_mb` of fp32 logits it does
 what the layouts did before, one matmul then logsumexp and gather (the same operations, the same
 values). Above it, `_ChunkedLogps` runs the projection over slices of rows and keeps only each row's
@@ -16,7 +17,7 @@ more lm_head work) and forms the gradient slice by slice:
   d log p(y_t) / d logits_r = onehot(y_t) - softmax(logits_r)   for target t on row r
 
 Exact: the same matmuls, in the same dtype (under autocast, the autocast dtype, as `nn.Linear` would run),
-with the gradient summed over slices in fp32. Without gradients (reference and held-out passes) the slices
+with the gradient summed over slices in fp32 (fp64 for a float64 model). Without gradients (reference and held-out passes) the slices
 cost nothing extra.
 
 Why inside the head's forward rather than after the model returns: under DDP and FSDP the projection's
@@ -105,6 +106,19 @@ def logps_head(model: torch.nn.Module) -> torch.nn.Linear | None:
             or not takes_logits_to_keep(model) or not _returns_head_output(type(inner))):
         return None
     return head
+
+
+def model_logps(model: torch.nn.Module, keep: Tensor, rows: Tensor, labels: Tensor, **inputs) -> Tensor:
+    """log p(labels[t]) under the logit at the rows[t]-th True position of `keep` [B, L] (row-major), from
+    one forward `model(**inputs)`: the lm_head computes them where it can (`logps_head`), else the logits
+    come back and are picked here."""
+    head = logps_head(model)
+    if head is not None:
+        with head_returns_logps(head, rows, labels, max_logits_mb(model)):
+            return model(**inputs, logits_to_keep=keep).logits
+    extra = {"logits_to_keep": keep} if takes_logits_to_keep(model) else {}
+    logits = model(**inputs, **extra).logits
+    return plain_logps(logits[keep] if logits.dim() == 3 else logits, rows, labels)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sdpo.head_logps import head_returns_logps, logps_head, max_logits_mb
+from sdpo.head_logps import model_logps
 
 Tensor = torch.Tensor
 
@@ -141,23 +141,15 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, average:
 
 
 def sequence_logps_sums(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Each row's summed completion log-probs and completion token count, from one forward.
-
-    Where the model allows it (`head_logps.logps_head`) the lm_head runs only at the positions that predict
-    a completion token and returns their log-probs, in slices above the model's logits budget; otherwise
-    the full [N, L, V] logits come back and `token_logps_sum` picks the completion positions.
-    """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    """Each row's summed completion log-probs and completion token count, from one forward that computes
+    logits only at the positions predicting a completion token (`head_logps.model_logps`: by the lm_head,
+    in slices above the model's logits budget, where the model allows it)."""
     targets = batch["completion_mask"][:, 1:]
-    head = logps_head(model)
-    if head is None:
-        out = model(**inputs, use_cache=False)
-        return token_logps_sum(out.logits, batch["input_ids"], batch["completion_mask"])
     labels = batch["input_ids"][:, 1:][targets]
     keep = torch.nn.functional.pad(targets, (0, 1))  # column t predicts token t+1: the same order as labels
-    with head_returns_logps(head, torch.arange(labels.shape[0], device=labels.device), labels,
-                            max_logits_mb(model)):
-        token_logps = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    token_logps = model_logps(model, keep, torch.arange(labels.shape[0], device=labels.device), labels,
+                              input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"], use_cache=False)
     rows = targets.nonzero(as_tuple=True)[0]
     # float64 accumulation, as token_logps_sum
     sums = torch.zeros(targets.shape[0], dtype=torch.float64, device=token_logps.device)

@@ -28,12 +28,11 @@ attention ignores masks; `supports_shared_prompt` says so and the caller uses th
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from sdpo.head_logps import head_returns_logps, logps_head, max_logits_mb, plain_logps, takes_logits_to_keep
+from sdpo.head_logps import model_logps
 
 Tensor = torch.Tensor
 
@@ -212,18 +211,9 @@ def shared_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, a
         if torch.is_autocast_enabled(batch["input_ids"].device.type):
             additive = torch.get_autocast_dtype(batch["input_ids"].device.type)
     keep, kept, labels, seq = logit_targets(batch)
-    head = logps_head(model)  # the lm_head returns the log-probs (head_logps.py), else logits come back
-    extra = {"logits_to_keep": keep} if takes_logits_to_keep(model) else {}
-    with head_returns_logps(head, kept, labels, max_logits_mb(model)) if head else contextlib.nullcontext():
-        out = model(input_ids=batch["input_ids"], attention_mask=attention_mask(batch, additive_dtype=additive),
-                    position_ids=batch["position_ids"], use_cache=False, **extra)
-    if head is not None:
-        token_logps = out.logits
-    else:
-        logits = out.logits
-        if logits.dim() == 3:  # a model without boolean logits_to_keep: select the rows here
-            logits = logits[keep]
-        token_logps = plain_logps(logits, kept, labels)  # [K] rows, one normaliser each
+    token_logps = model_logps(model, keep, kept, labels, input_ids=batch["input_ids"], use_cache=False,
+                              attention_mask=attention_mask(batch, additive_dtype=additive),
+                              position_ids=batch["position_ids"])
     b = batch["input_ids"].shape[0]
     # float64 accumulation, as logprobs.token_logps_sum
     sums = torch.zeros(2 * b, dtype=torch.float64, device=token_logps.device).index_add(0, seq, token_logps.double())

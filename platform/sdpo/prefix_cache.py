@@ -45,13 +45,12 @@ worker's bookkeeping apply unchanged; its `prompt_ids` [B, P], `chosen_ids` [B, 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Sequence
 
 import torch
 
-from sdpo.head_logps import head_returns_logps, logps_head, max_logits_mb, plain_logps, takes_logits_to_keep
+from sdpo.head_logps import model_logps
 from sdpo.pair_layout import best_splits, shared_sequence_logps
 
 Tensor = torch.Tensor
@@ -184,18 +183,9 @@ def prefix_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, a
 
 def _kept_logps(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, keep: Tensor, cache,
                 rows: Tensor, labels: Tensor) -> Tensor:
-    """log p(labels[t]) under the logit of the rows[t]-th `keep` position [T], fp32, from a forward that
-    reads and extends `cache` (the lm_head computes them where it can, `head_logps`)."""
-    head = logps_head(model)
-    extra = {"logits_to_keep": keep} if takes_logits_to_keep(model) else {}
-    extra[_cache_argument(model)] = cache
-    with head_returns_logps(head, rows, labels, max_logits_mb(model)) if head else contextlib.nullcontext():
-        out = model(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
-                    use_cache=True, **extra)
-    if head is not None:
-        return out.logits
-    logits = out.logits
-    return plain_logps(logits[keep] if logits.dim() == 3 else logits, rows, labels)
+    """`head_logps.model_logps` of a forward that reads and extends `cache`."""
+    return model_logps(model, keep, rows, labels, input_ids=input_ids, attention_mask=attention_mask.long(),
+                       position_ids=position_ids, use_cache=True, **{_cache_argument(model): cache})
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
