@@ -43,7 +43,7 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 # fp32 MiB of one forward's kept logits above which they are computed in slices (training.max_logits_mb)
-DEFAULT_MAX_LOGITS_MB = 256
+DEFAULT_MAX_LOGITS_MB = 1024
 _BUDGET_ATTR = "_sdpo_max_logits_mb"
 
 
