@@ -5,20 +5,20 @@ The pair layouts ask the model for logits only where a completion token is predi
 the step. Llama 3's 128,256 tokens make 8 pairs of 500-token completions a 4 GB fp32 matrix, and the
 log-softmax's backward holds about two more of it.
 
-So where the model allows it (`logps_head`), the lm_head itself computes the log-probs (`model_logps`, what
-every layout calls: the shared-prompt row, the prefix cache's three calls, the two-row layout and the
-listwise groups): while a forward runs under `head_returns_logps`, the model's output projection receives the kept hidden states [K, d] and
-returns log p(label) per target [T] instead of logits. Up to `max_logits_mb` of fp32 logits it does
-what the layouts did before, one matmul then logsumexp and gather (the same operations, the same
-values). Above it, `_ChunkedLogps` runs the projection over slices of rows and keeps only each row's
-logsumexp; its backward recomputes each slice's logits (one more [K, d] x [d, V] matmul in all, a third
-more lm_head work) and forms the gradient slice by slice:
+So where the model allows it (`logps_head`), the lm_head itself computes the log-probs. `model_logps` is
+what every layout calls (the shared-prompt row, the prefix cache's three calls, the two-row layout, the
+listwise groups): while its forward runs under `head_returns_logps`, the model's output projection
+receives the kept hidden states [K, d] and returns log p(label) per target [T] instead of logits. Up to
+`max_logits_mb` of fp32 logits it does what the layouts did before, one matmul then logsumexp and gather
+(the same operations, the same values). Above it, `_ChunkedLogps` runs the projection over slices of rows
+and keeps only each row's logsumexp; its backward recomputes each slice's logits (one more [K, d] x [d, V]
+matmul in all, a third more lm_head work) and forms the gradient slice by slice:
 
   d log p(y_t) / d logits_r = onehot(y_t) - softmax(logits_r)   for target t on row r
 
 Exact: the same matmuls, in the same dtype (under autocast, the autocast dtype, as `nn.Linear` would run),
-with the gradient summed over slices in fp32 (fp64 for a float64 model). Without gradients (reference and held-out passes) the slices
-cost nothing extra.
+with the gradient summed over slices in fp32 (fp64 for a float64 model). Without gradients (reference and
+held-out passes) the slices cost nothing extra.
 
 Why inside the head's forward rather than after the model returns: under DDP and FSDP the projection's
 weight is only guaranteed whole (and its gradient hooked up) inside the wrapped forward.
@@ -73,14 +73,20 @@ def _wide(t: Tensor) -> Tensor:
 
 
 def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """True when the model's forward takes a boolean [B, L] `logits_to_keep`."""
+    # DDP: the wrapper forwards keyword arguments unchanged, so the inner model's forward decides
+    return _forward_takes_logits_to_keep(type(getattr(model, "module", model)))
+
+
+@cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
     import transformers.modeling_utils as mu
 
     # Boolean [B, L] logits_to_keep arrived with `slice_logits_to_keep` (transformers 5); before it the
     # argument was an int or a 1D index only, so the full logits are computed and selected here instead.
     if not hasattr(mu, "slice_logits_to_keep"):
         return False
-    inner = getattr(model, "module", model)  # DDP: the wrapper forwards keyword arguments unchanged
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 @cache
@@ -170,7 +176,7 @@ def _slices(k: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def _sliced_forward(hidden, weight, bias, rows, labels, slice_rows, dtype) -> tuple[Tensor, Tensor]:
-    """Each row's logsumexp [K] and each target's logit [T], one slice of rows at a time (fp32)."""
+    """Each row's logsumexp [K] and each target's logit [T], one slice of rows at a time (at least fp32)."""
     k = hidden.shape[0]
     wide = torch.promote_types(dtype, torch.float32)
     lse = torch.empty(k, dtype=wide, device=hidden.device)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sdpo.head_logps import model_logps
+from sdpo.head_logps import model_logps, plain_logps
 
 Tensor = torch.Tensor
 
@@ -116,22 +116,24 @@ def to_groups(flat: Tensor, batch: dict[str, Tensor], fill: float = 0.0) -> Tens
 
 
 def token_logps_sum(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of log p(token) over each row's completion tokens, and their count.
+    """Sum of log p(token) over each row's completion tokens, and their count, from every position's logits.
 
     logits[:, t] predicts input_ids[:, t+1]; only masked positions are normalised.
     """
     targets = completion_mask[:, 1:]
-    rows = targets.nonzero(as_tuple=True)[0]
     picked = logits[:, :-1][targets]  # [N, V], N = completion tokens in the batch
-    picked = picked if picked.dtype == torch.float64 else picked.float()  # the log-softmax in fp32 at least
     labels = input_ids[:, 1:][targets]
-    token_logps = picked.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
-    n = input_ids.shape[0]
-    # Accumulated in float64: a sequential fp32 sum of ~500 token log-probs drifts by ~1e-5 relative.
-    sums = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add(0, rows, token_logps.double())
-    sums = sums.to(token_logps.dtype)
-    counts = targets.sum(-1)
-    return sums, counts
+    token_logps = plain_logps(picked, torch.arange(labels.shape[0], device=labels.device), labels)
+    return _row_sums(token_logps, targets), targets.sum(-1)
+
+
+def _row_sums(token_logps: Tensor, targets: Tensor) -> Tensor:
+    """The token log-probs (in `targets`' row-major order) summed per row of `targets` [N, L-1].
+
+    Accumulated in float64: a sequential fp32 sum of ~500 token log-probs drifts by ~1e-5 relative."""
+    rows = targets.nonzero(as_tuple=True)[0]
+    sums = torch.zeros(targets.shape[0], dtype=torch.float64, device=token_logps.device)
+    return sums.index_add(0, rows, token_logps.double()).to(token_logps.dtype)
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, average: bool = False) -> Tensor:
@@ -150,11 +152,7 @@ def sequence_logps_sums(model: torch.nn.Module, batch: dict[str, Tensor]) -> tup
     token_logps = model_logps(model, keep, torch.arange(labels.shape[0], device=labels.device), labels,
                               input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               position_ids=batch["position_ids"], use_cache=False)
-    rows = targets.nonzero(as_tuple=True)[0]
-    # float64 accumulation, as token_logps_sum
-    sums = torch.zeros(targets.shape[0], dtype=torch.float64, device=token_logps.device)
-    sums = sums.index_add(0, rows, token_logps.double()).to(token_logps.dtype)
-    return sums, targets.sum(-1)
+    return _row_sums(token_logps, targets), targets.sum(-1)
 
 
 def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
