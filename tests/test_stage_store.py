@@ -84,3 +84,18 @@ def test_concurrent_trials_train_a_shared_stage_once(tmp_path):
     assert open(counter).read().count("trained") == 1
     record = json.loads((tmp_path / "store" / stage_key(INPUTS) / "record.json").read_text())
     assert "by" in record
+
+
+def test_a_stage_in_training_keeps_its_lease_past_stale_after(tmp_path):
+    """Training outlasts `stale_after` (a real stage takes hours): the holder's lease beats, so a second
+    trial keeps waiting instead of taking the stage over and training it again."""
+    import pytest
+
+    trainer, waiter = StageStore(str(tmp_path / "store"), stale_after=0.6), StageStore(str(tmp_path / "store"),
+                                                                                       stale_after=0.6, poll=0.05)
+    assert trainer.claim(INPUTS) is None
+    time.sleep(1.5)
+    with pytest.raises(TimeoutError, match="locked by another trial"):
+        waiter.claim(INPUTS, timeout=0.5)
+    trainer.publish(INPUTS, stage_dir=_model(tmp_path), record={"index": 1})
+    assert waiter.claim(INPUTS, timeout=5) is not None

@@ -87,9 +87,70 @@ SCORE_COLUMNS = ROW_COLUMNS + ["content_key", *caching.ORDER_COLUMNS]  # a split
 TARGET_COLUMN = "_target"
 
 
+@dataclass
+class PassRun:
+    """What `score_targets` did: `scored`, the targets this pass scored, in `seconds`; `waited`, the cache
+    entries another process (a concurrent trial or run) was scoring, now complete and left as it wrote them."""
+
+    seconds: float
+    scored: list[Target]
+    waited: list[Target]
+
+
+def _complete(t: Target) -> bool:
+    marker = caching.read_marker(t.path)
+    return marker is not None and marker.get("num_rows") == t.num_rows
+
+
 def score_targets(model: Any, targets: list[Target], settings: PassSettings, *, work_dir: str,
-                  columns: list[str] | None = None, rows: Any = None, groups: bool = False) -> float:
-    """Score every target's rows with `model` in one Ray Data pass; returns its seconds.
+                  columns: list[str] | None = None, rows: Any = None, groups: bool = False,
+                  poll: float = 1.0) -> PassRun:
+    """Score every target's rows with `model` in one Ray Data pass, each cache entry exactly once across
+    the processes that share the cache.
+
+    A target that is a cache entry (its marker has a key) is scored under that entry's lease
+    (`<entry>.lock`, see locks.py): trials of a search and runs sharing a cache often need the same entry
+    at once (the base model's held-out pass, stage 1's reference pass), and two writers in one folder
+    would mix their files. An entry whose lease another live process holds is waited for after this
+    pass (never while holding a lease, so two processes cannot wait on each other); if its holder fails
+    or dies instead, it is scored here."""
+    from sdpo.locks import Lease, wait_while_held
+
+    run, pending = PassRun(0.0, [], []), list(targets)
+    while pending:
+        mine, leases, theirs = [], [], []
+        for t in pending:
+            if not (t.marker and t.marker.get("key")):
+                mine.append(t)  # this run's own folder
+                continue
+            if _complete(t):  # scored by another process since the caller looked
+                run.waited.append(t)
+                continue
+            lease = Lease(f"{t.path.rstrip('/')}.lock")
+            if not lease.acquire():
+                theirs.append((t, lease))
+            elif _complete(t):  # completed between our look and our lease
+                lease.release()
+                run.waited.append(t)
+            else:
+                mine.append(t)
+                leases.append(lease)
+        try:
+            if mine:
+                run.seconds += _score_now(model, mine, settings, work_dir=work_dir, columns=columns, rows=rows,
+                                          groups=groups)
+                run.scored += mine
+        finally:
+            for lease in leases:
+                lease.release()
+        pending = [t for t, lease in theirs if not wait_while_held(lease, lambda t=t: _complete(t), poll=poll)]
+        run.waited += [t for t, _ in theirs if t not in pending]  # the rest: their holder stopped; ours now
+    return run
+
+
+def _score_now(model: Any, targets: list[Target], settings: PassSettings, *, work_dir: str,
+               columns: list[str] | None, rows: Any, groups: bool) -> float:
+    """One Ray Data pass over `targets` (see `score_targets`); returns its seconds.
 
     One target is read (`columns`, or a Ray Dataset `rows`), scored and written straight to its path.
     Several are read with `SCORE_COLUMNS`, each row tagged with its target, unioned and scored by one
@@ -100,8 +161,6 @@ def score_targets(model: Any, targets: list[Target], settings: PassSettings, *, 
     from sdpo import storage
     from sdpo.ingest import tag_rows
 
-    if not targets:
-        return 0.0
     if len(targets) > 1 and (groups or rows is not None or columns is not None):
         raise ValueError("only plain pair passes over split folders can be scored together")
     t0 = time.perf_counter()
@@ -174,9 +233,13 @@ def scored_split(split_dir: str | None, *, model: Any, model_digest: str | None,
     if isinstance(found, caching.CacheEntry):
         return found
     columns = ROW_COLUMNS + ["content_key"] + (list(caching.ORDER_COLUMNS) if ordered else []) + (GROUP_COLUMNS if groups else [])
-    seconds = score_targets(model, [found], settings, work_dir="", columns=columns, rows=rows, groups=groups)
+    run = score_targets(model, [found], settings, work_dir="", columns=columns, rows=rows, groups=groups)
     key = found.marker["key"] if found.marker else None
-    return caching.CacheEntry(key, found.path, "miss" if key else "uncached", seconds, num_rows / seconds, num_rows)
+    if run.waited:  # a concurrent trial or run scored this very entry: reuse it as a hit
+        log(f"{found.path}: scored by another process sharing the cache; waited for it")
+        return caching.CacheEntry(key, found.path, "hit", num_rows=num_rows)
+    return caching.CacheEntry(key, found.path, "miss" if key else "uncached", run.seconds,
+                              num_rows / run.seconds, num_rows)
 
 
 def order_digest(split_dir: str) -> str:

@@ -732,15 +732,21 @@ class HeldOut:
         targets += unique
         if not targets:
             return
-        seconds = score_targets(model, targets, self.settings, work_dir=storage.join(self.prep.out, "scores", "together"))
-        rows = sum(x.num_rows for x in targets)
-        self.log(f"{targets[0].what}: scored in {seconds:.1f}s ({rows} pairs"
-                 + (f", one pass with {len(targets) - 1} more: " + "; ".join(x.what for x in targets[1:]) if unique
-                    else "") + ")")
-        for x in unique:
-            key = x.marker["key"]
-            self.scored_ahead[key] = CacheEntry(key, x.path, "miss", seconds, rows / seconds, x.num_rows,
-                                                scored_with=[y.what for y in targets if y is not x])
+        run = score_targets(model, targets, self.settings, work_dir=storage.join(self.prep.out, "scores", "together"))
+        for x in run.waited:
+            self.log(f"{x.what}: scored by another process sharing the cache; waited for it ({x.path})")
+        if not run.scored:
+            return
+        seconds, scored = run.seconds, run.scored
+        rows = sum(x.num_rows for x in scored)
+        self.log(f"{scored[0].what}: scored in {seconds:.1f}s ({rows} pairs"
+                 + (f", one pass with {len(scored) - 1} more: " + "; ".join(x.what for x in scored[1:])
+                    if len(scored) > 1 else "") + ")")
+        for x in scored:
+            if x in unique:
+                key = x.marker["key"]
+                self.scored_ahead[key] = CacheEntry(key, x.path, "miss", seconds, rows / seconds, x.num_rows,
+                                                    scored_with=[y.what for y in scored if y is not x])
 
     def start(self, base: str, digest: str | None, also: list | None = None) -> None:
         self._score(0, base, digest, also or [])

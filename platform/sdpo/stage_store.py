@@ -10,10 +10,10 @@ digests of their weights, so a key names a whole chain of stages), and keeps its
     <root>/<key>/_COMPLETE.json written last: an entry counts only once it is whole
 
 `claim(inputs)` is how a trial asks for a stage: it returns the complete entry if there is one; else it
-takes the key's lock (an exclusive create, atomic on local and shared filesystems) and returns None — the
-caller trains and `publish`es, which releases the lock. A trial that finds the lock taken waits for the
-entry to appear, so two trials needing the same prefix at once train it once. A lock whose holder died
-(no heartbeat for `stale_after` seconds) is taken over.
+takes the key's lease (`locks.Lease`: an exclusive create, kept fresh by a thread while the stage trains)
+and returns None — the caller trains and `publish`es, which releases it. A trial that finds the lease
+taken waits for the entry to appear, so two trials needing the same prefix at once train it once. A lease
+whose holder died (no beat for `stale_after` seconds) is taken over.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 from sdpo import storage
+from sdpo.locks import STALE_AFTER, Lease
 
 MARKER = "_COMPLETE.json"
 
@@ -45,9 +46,10 @@ class StoredStage:
 
 
 class StageStore:
-    def __init__(self, root: str, *, poll: float = 1.0, stale_after: float = 600.0):
+    def __init__(self, root: str, *, poll: float = 1.0, stale_after: float = STALE_AFTER):
         self.root = storage.abspath(root)
         self.poll, self.stale_after = poll, stale_after
+        self._leases: dict[str, Lease] = {}  # the stages this process is training
         if storage.is_local(self.root):
             os.makedirs(self.root, exist_ok=True)
 
@@ -83,33 +85,16 @@ class StageStore:
             time.sleep(self.poll)
 
     def _try_lock(self, key: str) -> bool:
-        lock = self._lock(key)
-        if storage.is_local(lock):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if time.time() - _mtime(lock) < self.stale_after:
-                    return False
-                os.unlink(lock)  # its holder died: take it over
-                return self._try_lock(key)
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            return True
-        # Object stores have no exclusive create: look, then write. Two trials racing here both train
-        # the stage; the results are identical and the second publish replaces the first.
-        if storage.exists(lock):
+        lease = Lease(self._lock(key), stale_after=self.stale_after)
+        if not lease.acquire():  # a live trial trains it (its lease beats while it does)
             return False
-        storage.write_text_atomic(lock, f"{os.getpid()}\n")
+        self._leases[key] = lease
         return True
 
-    def heartbeat(self, inputs: dict) -> None:
-        """Keep a long-held lock fresh (call now and then while training)."""
-        lock = self._lock(stage_key(inputs))
-        if storage.is_local(lock) and os.path.exists(lock):
-            os.utime(lock)
-
     def release(self, inputs: dict) -> None:
-        storage.remove(self._lock(stage_key(inputs)))
+        lease = self._leases.pop(stage_key(inputs), None)
+        if lease is not None:
+            lease.release()
 
     def publish(self, inputs: dict, *, stage_dir: str, record: dict) -> StoredStage:
         """Copy a trained stage's folder into the store, write its record, mark it complete, unlock."""
@@ -123,9 +108,3 @@ class StageStore:
         self.release(inputs)
         return StoredStage(key, storage.join(entry, "stage"), record)
 
-
-def _mtime(path: str) -> float:
-    try:
-        return os.path.getmtime(path)
-    except FileNotFoundError:
-        return 0.0

@@ -11,7 +11,8 @@ Trials whose first stages are identical share them: every stage goes through a c
 `StageStore` (`<output>/stage_store`), keyed by the stage's inputs (base model, partition content,
 settings, and the digests of its reference and init — i.e. the whole chain before it). The first trial
 to need a stage trains and publishes it; the others reuse its model, step log and metrics (and the
-reference and held-out passes, through the shared `<output>/cache`). Held-out metrics are recomputed per
+reference and held-out passes, through the shared `<output>/cache`, where trials running at once score
+each entry once under its lease: `locks.py`). Held-out metrics are recomputed per
 trial, from those cached passes.
 
 Outputs in `<output>/`: `results.csv` and `results.md` (sorted by the metric: each trial's order,

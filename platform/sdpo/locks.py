@@ -1,0 +1,165 @@
+"""Leases: a lock file that says "I am computing this; wait for me", shared by processes on any node.
+No Ray, no torch.
+
+Trials of a search (and runs that share a cache) often need the same output at the same moment: the
+base model's held-out pass, stage 1's reference pass, a first stage two schedules share. Whoever takes
+the lease computes it; the others wait for its completion marker instead of computing it again into
+the same folder (which would mix their files). A holder keeps its lease fresh from a background thread
+(`beat`, every `stale_after / 6` seconds); a lease nobody refreshed for `stale_after` seconds belongs
+to a process that died, and is taken over.
+
+- Local (and shared POSIX) filesystems: the lease is an exclusive create (`O_EXCL`, atomic), its age the
+  file's mtime; a stale lease is first renamed aside (only one of several waiters' renames succeeds),
+  so two processes never both take it over.
+- Object stores (`s3://`) have no exclusive create: look, then write, and the age is the time written
+  inside. Two processes that look in the same instant both compute; the folders they write then must
+  tolerate it (the pass and the stage store write whole folders, so the last writer's is the one kept).
+
+A lease records its owner (host, pid, a random token); `release` removes it only while it is still
+ours, so a holder that was presumed dead and came back cannot delete its successor's lease.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from sdpo import storage
+
+STALE_AFTER = 600.0  # seconds without a beat before a lease counts as abandoned
+
+
+class Lease:
+    def __init__(self, path: str, *, stale_after: float = STALE_AFTER):
+        self.path = storage.abspath(path)
+        self.stale_after = stale_after
+        self.token = uuid.uuid4().hex
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- taking and giving back
+    def acquire(self) -> bool:
+        """Take the lease if it is free or abandoned (never waits); on success a thread keeps it fresh
+        until `release`."""
+        took = self._take_local() if storage.is_local(self.path) else self._take_remote()
+        if took:
+            self._start_beating()
+        return took
+
+    def release(self) -> None:
+        """Stop beating and remove the lease, if it is still ours."""
+        if self._stop is not None:
+            self._stop.set()
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join()
+            self._stop = self._thread = None
+        if self.owner() == self.token:
+            storage.remove(self.path, recursive=False)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # ---------------------------------------------------------------- what is there
+    def owner(self) -> str | None:
+        """The token of whoever holds the lease now (None: nobody, or unreadable)."""
+        content = self._read()
+        return content.get("token") if content else None
+
+    def held_by_other(self) -> bool:
+        """Someone else holds it and is alive (beat within `stale_after`). A local lease is held from
+        its exclusive create on, before its owner has written who it is."""
+        if storage.is_local(self.path):
+            try:
+                age = time.time() - os.path.getmtime(self.path)
+            except FileNotFoundError:
+                return False
+            return age < self.stale_after and self.owner() != self.token
+        content = self._read()
+        return content is not None and content.get("token") != self.token and \
+            time.time() - float(content.get("beat", 0.0)) < self.stale_after
+
+    def beat(self) -> None:
+        if storage.is_local(self.path):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                pass
+        elif self.owner() == self.token:
+            storage.write_text_atomic(self.path, self._content())
+
+    # ---------------------------------------------------------------- internals
+    def _content(self) -> str:
+        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                           "beat": time.time()}) + "\n"
+
+    def _read(self) -> dict | None:
+        try:
+            content = json.loads(storage.read_text(self.path))
+        except (FileNotFoundError, ValueError, OSError, storage.StorageError):
+            return None
+        return content if isinstance(content, dict) else None
+
+    def _take_local(self) -> bool:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    age = time.time() - os.path.getmtime(self.path)
+                except FileNotFoundError:
+                    continue  # released meanwhile: try again
+                if age < self.stale_after:
+                    return False
+                aside = f"{self.path}.stale.{self.token}"
+                try:
+                    os.rename(self.path, aside)  # one waiter wins this; the others find no file to move
+                except FileNotFoundError:
+                    return False
+                os.unlink(aside)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self._content())
+            return True
+        return False
+
+    def _take_remote(self) -> bool:
+        if self.held_by_other():
+            return False
+        storage.write_text_atomic(self.path, self._content())
+        return self.owner() == self.token  # another writer in the same instant: the last one wins
+
+    def _start_beating(self) -> None:
+        stop = threading.Event()
+        every = max(self.stale_after / 6, 0.05)
+
+        def loop() -> None:
+            while not stop.wait(every):
+                try:
+                    self.beat()
+                except Exception:  # a missed beat is retried at the next; only stale_after of them matter
+                    pass
+
+        self._stop, self._thread = stop, threading.Thread(target=loop, name=f"lease {self.path}", daemon=True)
+        self._thread.start()
+
+
+def wait_while_held(lease: Lease, done, *, poll: float = 1.0, timeout: float | None = None) -> bool:
+    """Wait until `done()` or until no one else holds `lease` (its holder finished, failed or died).
+    Returns done(). `timeout`: raise TimeoutError after that many seconds of waiting."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if done():
+            return True
+        if not lease.held_by_other():
+            return done()
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f}s for {lease.path}, held by another process")
+        time.sleep(poll)
