@@ -213,3 +213,31 @@ def test_a_complete_entry_is_not_rescored_and_a_failed_pass_gives_its_leases_bac
     with pytest.raises(RuntimeError, match="pass failed"):
         mod.score_targets("m", [t1], None, work_dir="")
     assert not os.path.exists(t1.path + ".lock")
+
+
+@pytest.mark.timeout(120)
+def test_threads_racing_for_a_lease_on_s3_let_one_win(s3_server):
+    """Of 6 threads released at once, one holds the lease; the server refuses a second create of a held
+    lease outright (the conditional PUT), before any look or read-back."""
+    import threading
+
+    root = s3_server.make_bucket("sdpo-locks-race")
+    path = storage.join(root, "k.lock")
+    barrier, won = threading.Barrier(6), []
+
+    def race():
+        lease = Lease(path)
+        barrier.wait()
+        if lease.acquire():
+            won.append(lease)
+
+    threads = [threading.Thread(target=race) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(won) == 1
+    fs, key = storage.fs_and_path(path)
+    with pytest.raises(FileExistsError):
+        fs.pipe_file(key, b"{}", mode="create")
+    won[0].release()

@@ -11,9 +11,10 @@ to a process that died, and is taken over.
 - Local (and shared POSIX) filesystems: the lease is an exclusive create (`O_EXCL`, atomic), its age the
   file's mtime; a stale lease is first renamed aside (only one of several waiters' renames succeeds),
   so two processes never both take it over.
-- Object stores (`s3://`) have no exclusive create: look, then write, and the age is the time written
-  inside. Two processes that look in the same instant both compute; the folders they write then must
-  tolerate it (the pass and the stage store write whole folders, so the last writer's is the one kept).
+- Object stores (`s3://`): a conditional PUT (`If-None-Match: *`, honoured by AWS S3 and MinIO) is the
+  exclusive create, and the age is the time written inside, rewritten by each beat. On a store that
+  ignores the condition the lease is look-then-write, checked by reading it back: two processes taking
+  it in the same instant may both compute (best effort).
 
 A lease records its owner (host, pid, a random token); `release` removes it only while it is still
 ours, so a holder that was presumed dead and came back cannot delete its successor's lease.
@@ -131,10 +132,21 @@ class Lease:
         return False
 
     def _take_remote(self) -> bool:
-        if self.held_by_other():
-            return False
-        storage.write_text_atomic(self.path, self._content())
-        return self.owner() == self.token  # another writer in the same instant: the last one wins
+        fs, path = storage.fs_and_path(self.path)
+        content = self._content().encode()
+
+        def create() -> bool:  # an exclusive PUT (If-None-Match: *) on stores that honour it
+            try:
+                fs.pipe_file(path, content, mode="create")
+            except FileExistsError:
+                return False
+            return True
+
+        if not storage.retry(create, what=f"PUT {self.path}"):
+            if self.held_by_other():
+                return False
+            storage.write_text_atomic(self.path, self._content())  # abandoned (or our own retried PUT)
+        return self.owner() == self.token  # a store that ignored the condition: the last writer holds it
 
     def _start_beating(self) -> None:
         stop = threading.Event()
