@@ -43,6 +43,27 @@ def test_an_abandoned_lease_is_taken_over(tmp_path):
     assert not path.exists()
 
 
+def test_a_fresh_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+    """A run killed mid-pass (SIGKILL: no release) and restarted at once must not wait out stale_after."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path = tmp_path / "x.lock"
+    path.write_text(json.dumps({"token": "killed", "host": socket.gethostname(), "pid": int(gone.stdout)}))
+    waiter = Lease(str(path), stale_after=3600)
+    assert not waiter.held_by_other() and waiter.acquire()
+    waiter.release()
+    # the same lease held by a live process (this test's parent) is respected
+    path.write_text(json.dumps({"token": "alive", "host": socket.gethostname(), "pid": os.getppid()}))
+    assert waiter.held_by_other() and not waiter.acquire()
+    # and one from another host, whose pids mean nothing here, waits for stale_after
+    path.write_text(json.dumps({"token": "remote", "host": "another-node", "pid": int(gone.stdout)}))
+    assert waiter.held_by_other() and not waiter.acquire()
+
+
 def test_release_leaves_a_successors_lease(tmp_path):
     """A holder presumed dead (its lease taken over) must not delete the new holder's lease on release."""
     path = str(tmp_path / "x.lock")

@@ -6,7 +6,8 @@ base model's held-out pass, stage 1's reference pass, a first stage two schedule
 the lease computes it; the others wait for its completion marker instead of computing it again into
 the same folder (which would mix their files). A holder keeps its lease fresh from a background thread
 (`beat`, every `stale_after / 6` seconds); a lease nobody refreshed for `stale_after` seconds belongs
-to a process that died, and is taken over.
+to a process that died, and is taken over — at once where its holder ran on this host and its pid is
+gone (a run killed mid-pass and restarted does not wait for its own old lease).
 
 - Local (and shared POSIX) filesystems: the lease is an exclusive create (`O_EXCL`, atomic), its age the
   file's mtime; a stale lease is first renamed aside (only one of several waiters' renames succeeds),
@@ -31,7 +32,7 @@ import uuid
 
 from sdpo import storage
 
-STALE_AFTER = 600.0  # seconds without a beat before a lease counts as abandoned
+STALE_AFTER = 180.0  # seconds without a beat before a lease counts as abandoned (beats: every 30 s)
 
 
 class Lease:
@@ -74,16 +75,17 @@ class Lease:
         return content.get("token") if content else None
 
     def held_by_other(self) -> bool:
-        """Someone else holds it and is alive (beat within `stale_after`). A local lease is held from
-        its exclusive create on, before its owner has written who it is."""
+        """Someone else holds it and is alive (beat within `stale_after`, and not a dead process of this
+        host). A local lease is held from its exclusive create on, before its owner has written who it is."""
         if storage.is_local(self.path):
             try:
                 age = time.time() - os.path.getmtime(self.path)
             except FileNotFoundError:
                 return False
-            return age < self.stale_after and self.owner() != self.token
+            content = self._read()
+            return age < self.stale_after and (content or {}).get("token") != self.token and not _dead(content)
         content = self._read()
-        return content is not None and content.get("token") != self.token and \
+        return content is not None and content.get("token") != self.token and not _dead(content) and \
             time.time() - float(content.get("beat", 0.0)) < self.stale_after
 
     def beat(self) -> None:
@@ -117,7 +119,7 @@ class Lease:
                     age = time.time() - os.path.getmtime(self.path)
                 except FileNotFoundError:
                     continue  # released meanwhile: try again
-                if age < self.stale_after:
+                if age < self.stale_after and not _dead(self._read()):
                     return False
                 aside = f"{self.path}.stale.{self.token}"
                 try:
@@ -161,6 +163,22 @@ class Lease:
 
         self._stop, self._thread = stop, threading.Thread(target=loop, name=f"lease {self.path}", daemon=True)
         self._thread.start()
+
+
+def _dead(content: dict | None) -> bool:
+    """Whether a lease's holder is a process of this host that no longer exists."""
+    if not content or content.get("host") != socket.gethostname():
+        return False
+    pid = content.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
 
 
 def wait_while_held(lease: Lease, done, *, poll: float = 1.0, timeout: float | None = None) -> bool:
