@@ -64,6 +64,24 @@ def test_a_fresh_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_
     assert waiter.held_by_other() and not waiter.acquire()
 
 
+def test_a_waiter_that_looked_before_a_takeover_gives_the_new_lease_back(tmp_path, monkeypatch):
+    """Waiter B saw the old lease stale; before B moved it aside, A took it over. B must not break A's."""
+    path = str(tmp_path / "x.lock")
+    a, b = Lease(path, stale_after=60), Lease(path, stale_after=60)
+    assert a.acquire()
+    real, calls = os.path.getmtime, []
+
+    def seen_stale_once(p):  # B's look happened before A's takeover: it saw an old time
+        calls.append(p)
+        return real(p) - 1000 if len(calls) == 1 else real(p)
+
+    monkeypatch.setattr(os.path, "getmtime", seen_stale_once)
+    assert not b.acquire()
+    monkeypatch.undo()
+    assert a.owner() == a.token and b.held_by_other()
+    a.release()
+
+
 def test_release_leaves_a_successors_lease(tmp_path):
     """A holder presumed dead (its lease taken over) must not delete the new holder's lease on release."""
     path = str(tmp_path / "x.lock")

@@ -103,11 +103,7 @@ class Lease:
                            "beat": time.time()}) + "\n"
 
     def _read(self) -> dict | None:
-        try:
-            content = json.loads(storage.read_text(self.path))
-        except (FileNotFoundError, ValueError, OSError, storage.StorageError):
-            return None
-        return content if isinstance(content, dict) else None
+        return _read_json(self.path)
 
     def _take_local(self) -> bool:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -125,6 +121,14 @@ class Lease:
                 try:
                     os.rename(self.path, aside)  # one waiter wins this; the others find no file to move
                 except FileNotFoundError:
+                    return False
+                if time.time() - os.path.getmtime(aside) < self.stale_after and not _dead(_read_json(aside)):
+                    # another waiter took it over between our look and our move: give its lease back
+                    try:
+                        os.link(aside, self.path)
+                    except FileExistsError:
+                        pass
+                    os.unlink(aside)
                     return False
                 os.unlink(aside)
                 continue
@@ -163,6 +167,14 @@ class Lease:
 
         self._stop, self._thread = stop, threading.Thread(target=loop, name=f"lease {self.path}", daemon=True)
         self._thread.start()
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        content = json.loads(storage.read_text(path))
+    except (FileNotFoundError, ValueError, OSError, storage.StorageError):
+        return None
+    return content if isinstance(content, dict) else None
 
 
 def _dead(content: dict | None) -> bool:
