@@ -41,6 +41,7 @@ def test_quickstart_trains_two_stages_and_improves_held_out_accuracy(cache, tmp_
     assert s2["metrics"]["eval/ranking_accuracy"] > s1["metrics"]["before/eval/ranking_accuracy"] + 0.2
     assert (out / "stages" / "2" / "model" / "model.safetensors").is_file()
     assert (out / "stages" / "2" / "model" / "tokenizer.json").is_file()
+    assert not (out / ".sdpo-run.lock").exists()  # the run's claim on its folder, given back
 
 
 def test_validate_prints_the_plan_without_training(cache, tmp_path):
@@ -66,3 +67,26 @@ def test_refuses_to_overwrite_a_run_without_the_flag(cache, tmp_path):
     proc = sdpo("run", "jobs/quickstart.yaml", "--output", str(out), cache=cache, timeout=120)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert (out / "summary.json").read_text() == "{}"
+
+
+def test_a_folder_another_run_is_writing_is_refused_even_with_overwrite(cache, tmp_path):
+    """Two runs into one folder (a job submitted twice, --overwrite or --resume of a run still going)
+    would delete and mix each other's files: the second is refused, naming the first, before any work."""
+    from sdpo.locks import Lease
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    running = Lease(str(out / ".sdpo-run.lock"))
+    assert running.acquire()  # a live run (this test's process) is writing there
+    try:
+        for args in (["run", "jobs/quickstart.yaml", "--output", str(out), "--overwrite"],
+                     ["run", "jobs/quickstart.yaml", "--resume", str(out)], ["validate", "jobs/quickstart.yaml", "--output", str(out)]):
+            proc = sdpo(*args, cache=cache, timeout=120)
+            assert proc.returncode == 2, (args, proc.stderr[-2000:])
+            assert "in use by another sdpo run" in proc.stderr and f"pid {os.getpid()}" in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
+        assert sorted(p.name for p in out.iterdir()) == [".sdpo-run.lock", "summary.json"]
+        assert (out / "summary.json").read_text() == "{}"
+    finally:
+        running.release()

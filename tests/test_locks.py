@@ -59,6 +59,10 @@ def test_a_fresh_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_
     # the same lease held by a live process (this test's parent) is respected
     path.write_text(json.dumps({"token": "alive", "host": socket.gethostname(), "pid": os.getppid()}))
     assert waiter.held_by_other() and not waiter.acquire()
+    # a pid now used by another process (a restarted container reuses low pids): its start time differs
+    path.write_text(json.dumps({"token": "old", "host": socket.gethostname(), "pid": os.getpid(), "started": "1"}))
+    assert not waiter.held_by_other() and waiter.acquire()
+    waiter.release()
     # and one from another host, whose pids mean nothing here, waits for stale_after
     path.write_text(json.dumps({"token": "remote", "host": "another-node", "pid": int(gone.stdout)}))
     assert waiter.held_by_other() and not waiter.acquire()

@@ -100,7 +100,12 @@ class Lease:
     # ---------------------------------------------------------------- internals
     def _content(self) -> str:
         return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                           "beat": time.time()}) + "\n"
+                           "started": _started(os.getpid()), "beat": time.time()}) + "\n"
+
+    def holder(self) -> str:
+        """Who holds the lease, for messages: "host, pid N" (or "unknown")."""
+        content = self._read() or {}
+        return f"{content['host']}, pid {content['pid']}" if "host" in content and "pid" in content else "unknown"
 
     def _read(self) -> dict | None:
         return _read_json(self.path)
@@ -177,13 +182,31 @@ def _read_json(path: str) -> dict | None:
     return content if isinstance(content, dict) else None
 
 
+def _started(pid: int) -> str | None:
+    """A process's start time (Linux: /proc/PID/stat's starttime, in clock ticks since boot): with the
+    pid it names one process, even after the pid is reused. "zombie" for an exited, unreaped one; None
+    where /proc has no such process (or there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return "zombie" if fields[0] == "Z" else fields[19]
+
+
 def _dead(content: dict | None) -> bool:
-    """Whether a lease's holder is a process of this host that no longer exists."""
+    """Whether a lease's holder is a process of this host that no longer exists: its pid is gone, a
+    zombie, or now another process (a different start time: a restarted container reuses low pids)."""
     if not content or content.get("host") != socket.gethostname():
         return False
     pid = content.get("pid")
-    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+    if not isinstance(pid, int) or pid <= 0:
         return False
+    started = _started(pid)
+    if started == "zombie":
+        return True
+    if started is not None:
+        return content.get("started") is not None and content["started"] != started
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sdpo import storage
 from sdpo.config import ConfigError, JobConfig
+from sdpo.locks import Lease
 from sdpo.manifest import MANIFEST, Manifest, differences, stage_inputs, stage_settings
 from sdpo.plan import (
     BASE,
@@ -147,6 +148,7 @@ def _check_vocabulary(tok: Any, config: Any, tok_key: str, model_path: str) -> N
 
 # What a resumed run keeps: the cache, the completed stages, Ray Train's checkpoints (an interrupted
 # stage continues from its latest), the held-out score tables and the manifest. The rest is redone.
+RUN_LEASE = ".sdpo-run.lock"  # held by the run writing the folder (locks.Lease)
 KEEP_ON_RESUME = (CACHE, "stages", "ray", "eval", MANIFEST, SUMMARY, "report.md", "plots")
 
 
@@ -155,7 +157,7 @@ def prepare_output(out: str, overwrite: bool, resume: bool = False) -> None:
     (its entries are content-addressed, so they stay valid and a rerun reuses them); resuming keeps
     `KEEP_ON_RESUME` and needs the manifest of an earlier run. Local or any fsspec URL (s3://...); a
     location that cannot be written (a missing bucket, no permission) fails here, before any compute."""
-    existing = storage.listdir(out) if storage.isdir(out) else []
+    existing = [n for n in (storage.listdir(out) if storage.isdir(out) else []) if n != RUN_LEASE]
     if resume:
         if MANIFEST not in existing:
             raise ConfigError(
@@ -816,6 +818,23 @@ def run(job: JobConfig, *, output_dir: str | None = None, address: str | None = 
     log = _redacting(log)
     if force and not resume:
         raise ConfigError("--force applies to --resume (it retrains a resumed run from its first changed stage)")
+    storage.check_writable(out)
+    lease = Lease(storage.join(out, RUN_LEASE))
+    if not lease.acquire():
+        raise ConfigError(
+            f"{out} is in use by another sdpo run ({lease.holder()}); wait for it to finish or stop it, or "
+            "give this run another --output. (A run that died on another node leaves its claim for "
+            f"{lease.stale_after / 60:.0f} minutes after its last beat; one that died on this machine, none.)")
+    try:
+        return _run(job, out, address=address, overwrite=overwrite, plan_only=plan_only, resume=resume,
+                    force=force, log=log, store=store, cluster=cluster, on_stage=on_stage)
+    finally:
+        lease.release()
+
+
+def _run(job: JobConfig, out: str, *, address: str | None, overwrite: bool, plan_only: bool, resume: bool,
+         force: bool, log: Callable[[str], None], store: Any, cluster: dict[str, float] | None,
+         on_stage: Callable[[dict, bool], None] | None) -> dict:
     manifest_uri = storage.join(out, MANIFEST)
     manifest = Manifest.from_dict(storage.read_json(manifest_uri)) if resume and storage.exists(manifest_uri) else None
     prepare_output(out, overwrite, resume)
