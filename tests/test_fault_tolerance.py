@@ -23,6 +23,7 @@ from sdpo.manifest import Manifest, differences, stage_inputs, stage_settings
 from .conftest import ORCA, STORIES, ULTRAFEEDBACK
 
 SDPO = [sys.executable, "-m", "sdpo.cli"]
+ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 
 
@@ -76,6 +77,10 @@ def test_manifest_round_trip_and_drop():
 def test_resume_needs_a_run_directory(tmp_path):
     r = subprocess.run(SDPO + ["run", "--resume", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 2 and "manifest.json" in r.stderr and str(tmp_path) in r.stderr
+    typo = tmp_path / "no-such-run"  # with the job given, a mistyped run folder is refused and not created
+    r = subprocess.run(SDPO + ["run", str(ROOT / "jobs" / "quickstart.yaml"), "--resume", str(typo)],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 2 and "manifest.json" in r.stderr and not typo.exists()
     r = subprocess.run(SDPO + ["run", "--force"], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 2
 

@@ -146,9 +146,9 @@ def _check_vocabulary(tok: Any, config: Any, tok_key: str, model_path: str) -> N
         )
 
 
+RUN_LEASE = ".sdpo-run.lock"  # held by the run writing the folder (locks.Lease)
 # What a resumed run keeps: the cache, the completed stages, Ray Train's checkpoints (an interrupted
 # stage continues from its latest), the held-out score tables and the manifest. The rest is redone.
-RUN_LEASE = ".sdpo-run.lock"  # held by the run writing the folder (locks.Lease)
 KEEP_ON_RESUME = (CACHE, "stages", "ray", "eval", MANIFEST, SUMMARY, "report.md", "plots")
 
 
@@ -159,11 +159,7 @@ def prepare_output(out: str, overwrite: bool, resume: bool = False) -> None:
     location that cannot be written (a missing bucket, no permission) fails here, before any compute."""
     existing = [n for n in (storage.listdir(out) if storage.isdir(out) else []) if n != RUN_LEASE]
     if resume:
-        if MANIFEST not in existing:
-            raise ConfigError(
-                f"cannot resume {out}: it has no {MANIFEST} (not an sdpo run directory, or the run stopped "
-                "before its data was ingested); start it again with --overwrite"
-            )
+        _check_resumable(out, existing)
         keep = KEEP_ON_RESUME
     elif existing:
         if not overwrite:
@@ -178,6 +174,15 @@ def prepare_output(out: str, overwrite: bool, resume: bool = False) -> None:
         if name not in keep:
             storage.remove(storage.join(out, name))
     storage.check_writable(out)
+
+
+def _check_resumable(out: str, existing: list[str] | None = None) -> None:
+    if MANIFEST not in (existing if existing is not None else
+                        storage.listdir(out) if storage.isdir(out) else []):
+        raise ConfigError(
+            f"cannot resume {out}: it has no {MANIFEST} (not an sdpo run directory, or the run stopped "
+            "before its data was ingested); start it again with --overwrite"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -818,6 +823,8 @@ def run(job: JobConfig, *, output_dir: str | None = None, address: str | None = 
     log = _redacting(log)
     if force and not resume:
         raise ConfigError("--force applies to --resume (it retrains a resumed run from its first changed stage)")
+    if resume:  # before the claim below creates the folder of a mistyped path
+        _check_resumable(out)
     storage.check_writable(out)
     lease = Lease(storage.join(out, RUN_LEASE))
     if not lease.acquire():
