@@ -77,6 +77,7 @@ def test_a_folder_another_run_is_writing_is_refused_even_with_overwrite(cache, t
     out = tmp_path / "busy"
     out.mkdir()
     (out / "summary.json").write_text("{}")
+    (out / "manifest.json").write_text("{}")  # a run directory, so --resume gets as far as the claim
     running = Lease(str(out / ".sdpo-run.lock"))
     assert running.acquire()  # a live run (this test's process) is writing there
     try:
@@ -86,7 +87,7 @@ def test_a_folder_another_run_is_writing_is_refused_even_with_overwrite(cache, t
             assert proc.returncode == 2, (args, proc.stderr[-2000:])
             assert "in use by another sdpo run" in proc.stderr and f"pid {os.getpid()}" in proc.stderr, proc.stderr
             assert "Traceback" not in proc.stderr
-        assert sorted(p.name for p in out.iterdir()) == [".sdpo-run.lock", "summary.json"]
+        assert sorted(p.name for p in out.iterdir()) == [".sdpo-run.lock", "manifest.json", "summary.json"]
         assert (out / "summary.json").read_text() == "{}"
     finally:
         running.release()
