@@ -24,6 +24,7 @@ ours, so a holder that was presumed dead and came back cannot delete its success
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -56,17 +57,10 @@ class Lease:
         """Stop beating and remove the lease, if it is still ours."""
         if self._stop is not None:
             self._stop.set()
-            if self._thread is not None and self._thread is not threading.current_thread():
-                self._thread.join()
+            self._thread.join()
             self._stop = self._thread = None
         if self.owner() == self.token:
             storage.remove(self.path, recursive=False)
-
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
     # ---------------------------------------------------------------- what is there
     def owner(self) -> str | None:
@@ -77,16 +71,8 @@ class Lease:
     def held_by_other(self) -> bool:
         """Someone else holds it and is alive (beat within `stale_after`, and not a dead process of this
         host). A local lease is held from its exclusive create on, before its owner has written who it is."""
-        if storage.is_local(self.path):
-            try:
-                age = time.time() - os.path.getmtime(self.path)
-            except FileNotFoundError:
-                return False
-            content = self._read()
-            return age < self.stale_after and (content or {}).get("token") != self.token and not _dead(content)
         content = self._read()
-        return content is not None and content.get("token") != self.token and not _dead(content) and \
-            time.time() - float(content.get("beat", 0.0)) < self.stale_after
+        return self._live(self.path, content) and (content or {}).get("token") != self.token
 
     def beat(self) -> None:
         if storage.is_local(self.path):
@@ -110,24 +96,32 @@ class Lease:
     def _read(self) -> dict | None:
         return _read_json(self.path)
 
+    def _live(self, path: str, content: dict | None) -> bool:
+        """Whether the lease at `path` (its `content`) was refreshed within `stale_after` by a holder that
+        is not a dead process of this host. Local: the file's mtime; object stores: the beat inside."""
+        if storage.is_local(path):
+            try:
+                age = time.time() - os.path.getmtime(path)
+            except FileNotFoundError:
+                return False
+        else:
+            age = time.time() - float(content.get("beat", 0.0)) if content else math.inf
+        return age < self.stale_after and not _dead(content)
+
     def _take_local(self) -> bool:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    age = time.time() - os.path.getmtime(self.path)
-                except FileNotFoundError:
-                    continue  # released meanwhile: try again
-                if age < self.stale_after and not _dead(self._read()):
+                if self._live(self.path, self._read()):
                     return False
                 aside = f"{self.path}.stale.{self.token}"
                 try:
                     os.rename(self.path, aside)  # one waiter wins this; the others find no file to move
                 except FileNotFoundError:
-                    return False
-                if time.time() - os.path.getmtime(aside) < self.stale_after and not _dead(_read_json(aside)):
+                    continue  # released, or moved by another waiter: the create decides
+                if self._live(aside, _read_json(aside)):
                     # another waiter took it over between our look and our move: give its lease back
                     try:
                         os.link(aside, self.path)

@@ -97,9 +97,10 @@ class PassRun:
     waited: list[Target]
 
 
-def _complete(t: Target) -> bool:
-    marker = caching.read_marker(t.path)
-    return marker is not None and marker.get("num_rows") == t.num_rows
+def _complete(path: str, num_rows: int) -> bool:
+    """Whether the entry at `path` is marked complete with `num_rows` rows."""
+    marker = caching.read_marker(path)
+    return marker is not None and marker.get("num_rows") == num_rows
 
 
 def score_targets(model: Any, targets: list[Target], settings: PassSettings, *, work_dir: str,
@@ -123,13 +124,10 @@ def score_targets(model: Any, targets: list[Target], settings: PassSettings, *, 
             if not (t.marker and t.marker.get("key")):
                 mine.append(t)  # this run's own folder
                 continue
-            if _complete(t):  # scored by another process since the caller looked
-                run.waited.append(t)
-                continue
             lease = Lease(f"{t.path.rstrip('/')}.lock")
             if not lease.acquire():
                 theirs.append((t, lease))
-            elif _complete(t):  # completed between our look and our lease
+            elif _complete(t.path, t.num_rows):  # completed by another process since the caller looked
                 lease.release()
                 run.waited.append(t)
             else:
@@ -143,7 +141,8 @@ def score_targets(model: Any, targets: list[Target], settings: PassSettings, *, 
         finally:
             for lease in leases:
                 lease.release()
-        pending = [t for t, lease in theirs if not wait_while_held(lease, lambda t=t: _complete(t), poll=poll)]
+        pending = [t for t, lease in theirs
+                   if not wait_while_held(lease, lambda t=t: _complete(t.path, t.num_rows), poll=poll)]
         run.waited += [t for t, _ in theirs if t not in pending]  # the rest: their holder stopped; ours now
     return run
 
@@ -207,7 +206,7 @@ def split_target(split_dir: str | None, *, model_digest: str | None, data_digest
         key = caching.pass_key(model=model_digest, data=data_digest, tokenization=settings.tokenization,
                                precision=settings.plan.precision, groups=groups, order=order)
     path = caching.entry_path(settings.cache_dir, key) if key else uncached_dir
-    if key and (marker := caching.read_marker(path)) and marker.get("num_rows") == num_rows:
+    if key and _complete(path, num_rows):
         return caching.CacheEntry(key, path, "hit", num_rows=num_rows)
     meta = None
     if key:

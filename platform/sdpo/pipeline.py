@@ -155,8 +155,8 @@ KEEP_ON_RESUME = (CACHE, "stages", "ray", "eval", MANIFEST, SUMMARY, "report.md"
 def prepare_output(out: str, overwrite: bool, resume: bool = False) -> None:
     """Refuse a non-empty output directory unless `overwrite` or `resume`. Overwriting keeps `cache/`
     (its entries are content-addressed, so they stay valid and a rerun reuses them); resuming keeps
-    `KEEP_ON_RESUME` and needs the manifest of an earlier run. Local or any fsspec URL (s3://...); a
-    location that cannot be written (a missing bucket, no permission) fails here, before any compute."""
+    `KEEP_ON_RESUME` and needs the manifest of an earlier run. Local or any fsspec URL (s3://...); `run`
+    has checked that the location can be written (a missing bucket, no permission fail there)."""
     existing = [n for n in (storage.listdir(out) if storage.isdir(out) else []) if n != RUN_LEASE]
     if resume:
         _check_resumable(out, existing)
@@ -173,7 +173,6 @@ def prepare_output(out: str, overwrite: bool, resume: bool = False) -> None:
     for name in existing:
         if name not in keep:
             storage.remove(storage.join(out, name))
-    storage.check_writable(out)
 
 
 def _check_resumable(out: str, existing: list[str] | None = None) -> None:
