@@ -106,6 +106,32 @@ def test_non_positive_values_are_refused(tmp_path, section, key, value):
     assert f"(got {value!r})" in text
 
 
+@pytest.mark.parametrize("key", ["loss.beta", "training.learning_rate", "stages.0.beta"])
+def test_infinite_values_are_refused_at_load(tmp_path, key):
+    """beta = .inf passed `gt=0` and failed only in the loss, after the scoring passes."""
+    raw = job_dict(stages=[{}])
+    text = load_error(tmp_path, raw, [f"{key}=.inf"])
+    assert key in text and "finite number" in text
+
+
+def test_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-2 as a string; a job file and --set read it as the number people mean."""
+    path = write(tmp_path, "model: {path: m}\ndata: {sources: [{name: a, path: a.jsonl}]}\n"
+                           "training: {learning_rate: 5e-7}\nloss: {type: robust, label_smoothing: 1e-2}\n")
+    job = load_job(path)
+    assert job.training.learning_rate == 5e-7 and job.loss.model_extra["label_smoothing"] == 0.01
+    assert load_job(path, ["loss.label_smoothing=2e-2"]).loss.model_extra["label_smoothing"] == 0.02
+    assert load_job(path, ["name=1e3x"]).name == "1e3x"
+
+
+def test_stage_overrides_must_match_the_partitions_at_load(tmp_path):
+    """Checked before any data is read (it was checked only after the ingest, on the cluster)."""
+    raw = job_dict(data={"sources": [{"name": "a", "path": "a.jsonl"}, {"name": "b", "path": "b.jsonl"}]})
+    text = load_error(tmp_path, raw, ["stages=[{}, {}, {}]"])
+    assert "stages: 3 override entries for 2 partitions" in text and "Value error" not in text
+    assert len(load_job(write(tmp_path, raw), ["stages=[{}, {beta: 0.2}]"]).stages) == 2
+
+
 @pytest.mark.parametrize("max_length, max_prompt_length", [(256, 256), (256, 300)])
 def test_prompt_must_be_shorter_than_max_length(tmp_path, max_length, max_prompt_length):
     raw = copy.deepcopy(MINIMAL)

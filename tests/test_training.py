@@ -11,6 +11,7 @@ from sdpo.logprobs import collate_pairs
 from sdpo.training import (
     LossSettings,
     build_optimizer,
+    disable_dropout,
     freeze,
     lr_multiplier,
     pair_losses,
@@ -50,6 +51,29 @@ def test_first_loss_is_ln2_when_policy_starts_at_reference():
     losses, metrics = pair_losses(policy, reference, make_batch(4), DPO)
     assert torch.allclose(losses, torch.full((4,), math.log(2)), atol=1e-5)
     assert metrics["rewards/margins"].abs().max() < 1e-5
+
+
+def test_disable_dropout_makes_training_mode_deterministic_and_the_first_loss_ln2():
+    """A model with dropout (modules and Llama's functional attention dropout) trains in train mode; with
+    its dropout off, its log-ratio against itself in eval mode is exactly 0 (TRL's default too)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         attention_dropout=0.5, attn_implementation="eager"))
+    for model in (gpt2, llama):
+        reference = freeze(copy.deepcopy(model))
+        model.train()
+        noisy, _ = pair_losses(model, reference, make_batch(4), DPO)
+        assert not torch.allclose(noisy, torch.full((4,), math.log(2)), atol=1e-4)
+        assert disable_dropout(model) > 0
+        assert model.training
+        losses, metrics = pair_losses(model, reference, make_batch(4), DPO)
+        assert torch.allclose(losses, torch.full((4,), math.log(2)), atol=1e-6)
+        assert disable_dropout(model) == 0  # nothing left to turn off
 
 
 def test_zero_weight_padding_leaves_the_gradient_exact():

@@ -8,6 +8,7 @@ mapping *before* validation, so they get the same checks as the file itself.
 from __future__ import annotations
 
 import copy
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,7 +25,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -283,6 +284,11 @@ class TrainingConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~1/3 more compute.",
     )
+    disable_dropout: bool = Field(
+        True, description="Train the policy with its dropout off, as the reference and held-out passes score "
+        "(eval mode): the log-ratio is then exactly 0 at the first step, and no dropout noise enters it (TRL's "
+        "default too). false: the model's own dropout rates while training.",
+    )
     parallelism: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: every worker holds the whole model and optimiser state. fsdp: weights, "
         "gradients and AdamW state sharded over the workers, layer by layer (FSDP2; ~16/W bytes a parameter "
@@ -435,6 +441,23 @@ class JobConfig(_Strict):
 # --------------------------------------------------------------------------------------------------
 # Loading and overrides
 # --------------------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """YAML as written by people: `1e-2` and `5e-7` are numbers, as in YAML 1.2 (PyYAML's YAML 1.1
+    reads a float without a dot as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text (a job, a search space or a --set value)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key.sub=value` overrides; values are parsed as YAML (`0.1`, `true`, `[a, b]`)."""
     out = copy.deepcopy(raw)
@@ -442,7 +465,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        value = yaml.safe_load(text) if text else ""
+        value = load_yaml(text) if text else ""
         node: Any = out
         parts = key.split(".")
         for i, part in enumerate(parts):
@@ -468,7 +491,7 @@ def _format_error(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: invalid job config"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `sdpo run --help` links the config reference)"
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict | list):
@@ -491,10 +514,15 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     if not path.is_file():
         raise ConfigError(f"job file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_job(apply_overrides(raw or {}, overrides or []), origin=str(path))
+    job = parse_job(apply_overrides(raw or {}, overrides or []), origin=str(path))
+    # here, not in JobConfig: a search space's base job may give fewer entries, fitted to each trial
+    if job.stages and len(job.stages) != job.num_partitions():
+        raise ConfigError(f"{path}: stages: {len(job.stages)} override entries for {job.num_partitions()} "
+                          "partitions; give one entry per stage (use {} for no change)")
+    return job
 
 
 def dump_job(job: JobConfig) -> str:

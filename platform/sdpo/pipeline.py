@@ -239,6 +239,7 @@ def stage_config(job: JobConfig, stage: StagePlan, init: Any, reference: Any, th
         "precision": t.precision, "logging_steps": t.logging_steps, "shuffle": t.shuffle,
         "shared_prompt": t.shared_prompt, "length_splits": t.length_splits, "parallelism": t.parallelism, "prefix_cache": t.prefix_cache,
         "max_logits_mb": t.max_logits_mb, "gradient_checkpointing": t.gradient_checkpointing,
+        "disable_dropout": t.disable_dropout,
         "seed": job.seed * 1000 + stage.index, "torch_threads": threads,
         "checkpoint_every": job.checkpointing.every_steps,
         "inject_fault": os.environ.get("SDPO_INJECT_FAULT"),  # fault drills and tests (worker._inject_fault)

@@ -84,6 +84,22 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of `model` to 0: its dropout modules, and the float rates modules keep for
+    functional dropout (Llama's `attention_dropout`, BART's `dropout`). Returns how many were nonzero."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            changed += module.p > 0
+            module.p = 0.0
+            continue
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool):
+                changed += value > 0
+                setattr(module, name, 0.0)
+    return int(changed)
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for p in model.parameters():

@@ -51,6 +51,7 @@ from sdpo.training import (
     autocast,
     build_optimizer,
     capture_rng,
+    disable_dropout,
     fingerprint,
     freeze,
     lr_multiplier,
@@ -215,6 +216,8 @@ def stage_loop(cfg: dict) -> None:
             if m is not None:
                 set_max_logits_mb(m, cfg.get("max_logits_mb", DEFAULT_MAX_LOGITS_MB))
         policy.train()
+        if cfg.get("disable_dropout", True):
+            disable_dropout(policy)
         if cfg.get("gradient_checkpointing"):
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         shared = bool(cfg.get("shared_prompt")) and not loss.listwise and supports_shared_prompt(policy)
