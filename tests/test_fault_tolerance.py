@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdpo.manifest import Manifest, differences, stage_inputs, stage_settings
+from sdpo.manifest import Manifest, differences, model_identity, stage_inputs, stage_settings
 
 from .conftest import ORCA, STORIES, ULTRAFEEDBACK
 
@@ -55,6 +55,17 @@ def test_differences_name_what_changed():
     assert "stage.learning_rate: 0.001 -> 0.002" in changed
     assert "scaling.num_workers: 2 -> 4" in changed
     assert not any(c.startswith(("the base model", "the model it starts from")) for c in changed)
+
+
+def test_unknown_models_never_look_equal():
+    """A hub id whose commit cannot be looked up (offline) has no digest: its id and revision stand in,
+    so a resume or the stage store tells two such base models apart (None == None did not)."""
+    a, b = (model_identity(None, path, None) for path in ("org/sft-a", "org/sft-b"))
+    assert a != b and a == model_identity(None, "org/sft-a", "main") != model_identity(None, "org/sft-a", "v2")
+    assert model_identity("files:abc", "org/sft-a", None) == "files:abc"
+    old = stage_inputs(base=a, reference=a, init=a, partition="p", settings=_settings())
+    new = stage_inputs(base=b, reference=b, init=b, partition="p", settings=_settings())
+    assert "the base model's weights changed" in differences(old, new)
 
 
 def test_bookkeeping_does_not_block_a_resume():
@@ -221,6 +232,37 @@ def test_driver_killed_inside_a_stage_then_resumed(setup):
     assert "stage 1/2: complete" in r.stdout and "--force: retraining" in r.stdout
     assert _numbers(_steps(out, 1)) == _numbers(_steps(reference, 1))
     assert [e["lr"] for e in _steps(out, 2)] != [e["lr"] for e in _steps(reference, 2)]
+
+
+@pytest.mark.timeout(900)
+def test_changed_pairs_retrain_the_stage_afresh(setup, tmp_path):
+    """A completed run whose stage-2 pairs then change (one row edited in place, same path and job):
+    `--resume --force` retrains stage 2 from stage 1's model on the new pairs (the edit is at the start
+    of a completion: max_length cuts its end), and does not restore the
+    old stage-2 run's final checkpoint, which Ray Train keeps under `<output>/ray` (it would end the stage
+    at once with the old weights). The old run's folder is removed; stage 1 is kept."""
+    tmp, job, _ = setup
+    data = tmp_path / "uf.jsonl"
+    rows = ULTRAFEEDBACK.read_text().splitlines()[:60]
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    use = ["--set", f"data.sources.1.path={data}"]
+    assert _run(["run", str(job), "--output", str(out), *use]).returncode == 0
+    old_runs = sorted(p.name for p in (out / "ray").iterdir() if p.name.startswith("ft-stage2-"))
+    old_weights = (out / "stages" / "2" / "model" / "model.safetensors").read_bytes()
+    first = json.loads(rows[0])
+    data.write_text("\n".join([json.dumps(first | {"chosen": "Indeed. " + first["chosen"]}), *rows[1:]]) + "\n")
+
+    r = _run(["run", str(job), "--resume", str(out), "--force", *use])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stage 1/2: complete" in r.stdout and "its pairs changed" in r.stdout
+    assert "a run of the same stage with other inputs" in r.stdout
+    steps = _steps(out, 2)
+    assert [e["step"] for e in steps] == list(range(1, 9)) and sum(e["pairs"] for e in steps) == 60
+    assert _metrics(out, 2)["resumed_from_step"] is None
+    assert (out / "stages" / "2" / "model" / "model.safetensors").read_bytes() != old_weights
+    new_runs = sorted(p.name for p in (out / "ray").iterdir() if p.name.startswith("ft-stage2-"))
+    assert len(old_runs) == len(new_runs) == 1 and new_runs != old_runs
 
 
 def test_multi_node_refuses_local_paths():

@@ -610,6 +610,8 @@ def test_shuffle_false_trains_the_pairs_in_file_order(ray_session, tmp_path, sha
     and is keyed on them (another entry than a shuffled stage's)."""
     import pyarrow.parquet as pq
 
+    from sdpo.passes import order_digest
+
     src = tmp_path / "src"
     src.mkdir()
     words = ["cat", "dog", "bird", "fish", "frog", "bear", "duck", "lion", "wolf", "fox"]
@@ -629,3 +631,7 @@ def test_shuffle_false_trains_the_pairs_in_file_order(ray_session, tmp_path, sha
     assert len(steps) == len(words)
     np.testing.assert_allclose([s["logps/chosen"] for s in steps], table["chosen_logps"].tolist(), rtol=1e-5)
     assert len(set(np.round(table["chosen_logps"], 3))) == len(words)  # distinct: the order is pinned down
+    # the stage's identity (resume, the stage store) is its pairs *in their order*: the same lines in
+    # another order are another stage, unlike under the seeded shuffle
+    inputs = json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"]["1"]["inputs"]
+    assert inputs["partition"] == "ordered:" + order_digest(str(tmp_path / "out" / "data" / "partitions" / "split=p"))

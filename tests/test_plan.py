@@ -16,6 +16,8 @@ from sdpo.plan import (
     plan_scoring,
     plan_stages,
     steps_per_epoch,
+    train_run_name,
+    train_run_prefix,
 )
 
 MINIMAL = {
@@ -105,16 +107,16 @@ def test_plan_stages_uses_scaling_and_training_for_steps():
     assert stages[0].steps_per_epoch == 3
 
 
-def test_run_names_deterministic_distinct_and_config_dependent():
-    a = [s.run_name for s in plan_stages(job(), NAMES, SIZES)]
-    b = [s.run_name for s in plan_stages(job(), NAMES, SIZES)]
-    assert a == b
-    assert len(set(a)) == 3
-    assert all(name.startswith(f"sdpo-stage{i}-") for i, name in enumerate(a, start=1))
-    changed = [s.run_name for s in plan_stages(job(loss={"beta": 0.2}), NAMES, SIZES)]
-    assert set(changed).isdisjoint(a)
-    renamed = [s.run_name for s in plan_stages(job(name="exp1"), NAMES, SIZES)]
-    assert all(name.startswith("exp1-stage") for name in renamed)
+def test_train_run_names_carry_the_stage_and_its_inputs():
+    """A stage's Ray Train run is named by its index and the digest of its inputs: other inputs, another
+    run (whose checkpoints are never resumed); every stage's name starts with its own prefix only."""
+    a = train_run_name("sdpo", 1, "0123456789abcdef")
+    assert a == train_run_name("sdpo", 1, "0123456789abcdef") == "sdpo-stage1-0123456789"
+    assert train_run_name("sdpo", 1, "fedcba9876543210") != a
+    assert train_run_name("sdpo", 0, "0123456789abcdef") == "sdpo-probe-0123456789"
+    names = [train_run_name("sdpo", i, "k" * 32) for i in (1, 2, 10, 11)]
+    for i, name in zip((1, 2, 10, 11), names, strict=True):
+        assert [n for n in names if n.startswith(train_run_prefix("sdpo", i))] == [name]
 
 
 def test_format_plan_lists_every_stage():

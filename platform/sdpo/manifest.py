@@ -55,6 +55,12 @@ def stage_settings(job_dump: dict, stage: dict) -> dict[str, Any]:
     })
 
 
+def model_identity(digest: str | None, path: str, revision: str | None) -> str:
+    """What identifies a model among a stage's inputs: its digest, or, for a hub id whose commit cannot
+    be looked up (offline), its id and revision: never None, so two unknown models never look equal."""
+    return digest or f"unpinned:{path}@{revision or 'main'}"
+
+
 def stage_inputs(*, base: str | None, reference: str | None, init: str | None, partition: str,
                  settings: dict[str, Any]) -> dict[str, Any]:
     return {"base": base, "reference": reference, "init": init, "partition": partition, "settings": settings}

@@ -103,8 +103,8 @@ def train_probe(job: JobConfig, out: str, *, pool: caching.CacheEntry, content_k
 
     from sdpo.ingest import split_dataset
     from sdpo.losses import resolve_options
-    from sdpo.pipeline import stage_config, write_stage_model
-    from sdpo.plan import BASE, StagePlan, steps_per_epoch
+    from sdpo.pipeline import drop_other_runs, stage_config, write_stage_model
+    from sdpo.plan import BASE, StagePlan, steps_per_epoch, train_run_name, train_run_prefix
     from sdpo.worker import STAGE_METRICS, STEP_LOG, TRAIN_STATE, stage_loop
 
     probe, t = job.partitioning.selection.probe, job.training
@@ -121,8 +121,11 @@ def train_probe(job: JobConfig, out: str, *, pool: caching.CacheEntry, content_k
         index=0, partition="_probe", num_pairs=n, reference=BASE, init=BASE, beta=probe.beta or job.loss.beta,
         learning_rate=probe.learning_rate or t.learning_rate, loss="sigmoid", loss_options=resolve_options("sigmoid", {}),
         epochs=probe.epochs, steps_per_epoch=steps_per_epoch(n, world, t.batch_size, t.gradient_accumulation_steps),
-        run_name=f"{job.name}-probe-{(key or 'uncached')[:10]}",
     )
+    # keyed, an interrupted probe resumes from its checkpoints; unkeyed (the base model's digest is
+    # unknown), its inputs cannot be compared, so it starts afresh
+    run_name = train_run_name(job.name, 0, key or "uncached")
+    drop_other_runs(storage.join(out, "ray"), train_run_prefix(job.name, 0), keep=run_name if key else "", log=log)
     cfg = stage_config(job, stage, job.model.path, job.model.path, resources.torch_threads)
     cfg |= {"reference_mode": "precompute", "checkpoint_every": None, "inject_fault": None}
     dataset = split_dataset(storage.join(out, "data"), "_probe", num_pairs=n, world_size=world,
@@ -132,7 +135,7 @@ def train_probe(job: JobConfig, out: str, *, pool: caching.CacheEntry, content_k
         stage_loop, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=world, use_gpu=job.scaling.use_gpu,
                                      resources_per_worker=resources.per_worker),
-        run_config=RunConfig(name=stage.run_name, storage_path=storage.join(out, "ray")),
+        run_config=RunConfig(name=run_name, storage_path=storage.join(out, "ray")),
         datasets={"train": dataset}, dataset_config=DataConfig(),
     )
     log(f"probe stage: training on {n} pairs for {stage.total_steps} steps (cache miss)")
@@ -162,14 +165,15 @@ def score_rows(job: JobConfig, out: str, keys: dict[str, tuple[np.ndarray, ...]]
     digest = multiset_digest(pool_ck)
     data_dir = storage.join(out, "data")
 
-    def scored(model: str, role: str) -> caching.CacheEntry:
-        e = scored_split(None, rows=pool_rows(data_dir, eval_cut), model=model, model_digest=model_digest(model),
+    def scored(model: str, role: str, revision: str | None = None) -> caching.CacheEntry:
+        e = scored_split(None, rows=pool_rows(data_dir, eval_cut), model=model,
+                         model_digest=model_digest(model, revision),
                          data_digest=digest, num_rows=len(pool_ck), settings=settings,
                          uncached_dir=storage.join(out, "scores", f"pool-{role}"), log=log)
         log(f"{role} pass on the {len(pool_ck)} training pairs: cache {e.status} {e.path}")
         return e
 
-    base = scored(job.model.path, "base")
+    base = scored(job.model.path, "base", job.model.revision)
     init = read_scores(base.path)
     p = job.partitioning
     gammas = {name: ranking.margin(init["chosen_logps"], init["rejected_logps"], init["chosen_tokens"],
@@ -179,7 +183,7 @@ def score_rows(job: JobConfig, out: str, keys: dict[str, tuple[np.ndarray, ...]]
     info: dict[str, Any] = {"base_pass": base.to_dict()}
     sel = p.selection
     if sel.strategy == "learnability_top":
-        probe_model = train_probe(job, out, pool=base, content_keys=pool_ck, base_digest=model_digest(job.model.path),
+        probe_model = train_probe(job, out, pool=base, content_keys=pool_ck, base_digest=model_digest(job.model.path, job.model.revision),
                                   settings=settings, resources=resources, log=log)
         probe = scored(probe_model, "probe")
         ft = read_scores(probe.path)

@@ -264,9 +264,11 @@ def read_gamma(path: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Held-out evaluation
 # --------------------------------------------------------------------------------------------------
-def eval_complete(path: str) -> bool:
-    """Whether a held-out score table was written to the end (`score_targets` marks it last)."""
-    return caching.read_marker(path) is not None
+def eval_complete(path: str, model: str) -> bool:
+    """Whether a held-out score table of `model` was written to the end (`score_targets` marks it last,
+    naming the model it scored)."""
+    marker = caching.read_marker(path)
+    return marker is not None and marker.get("model") == model
 
 
 EVAL_TABLE_COLUMNS = ["content_key", *caching.ORDER_COLUMNS, "chosen_tokens", "rejected_tokens", "chosen_logps",

@@ -18,7 +18,7 @@ from typing import Any
 from sdpo import storage
 from sdpo.config import ConfigError, JobConfig
 from sdpo.locks import Lease
-from sdpo.manifest import MANIFEST, Manifest, differences, stage_inputs, stage_settings
+from sdpo.manifest import MANIFEST, Manifest, differences, model_identity, stage_inputs, stage_settings
 from sdpo.plan import (
     BASE,
     PlanError,
@@ -28,7 +28,10 @@ from sdpo.plan import (
     plan_resources,
     plan_scoring,
     plan_stages,
+    train_run_name,
+    train_run_prefix,
 )
+from sdpo.stage_store import stage_key
 
 SUMMARY = "summary.json"
 REJECTED = "rejected_rows.jsonl"
@@ -392,7 +395,8 @@ def train_stages(prep: Prepared, manifest: Manifest, *, force: bool = False, sto
     # pass runs in that same pass. A search's trial does not (a pruned trial would waste them, and a
     # stage reused from the stage store needs none).
     evaluator = HeldOut(prep, settings, storage.join(out, "data"), log, ahead=store is None)
-    if manifest.eval_digest != prep.digests.get("_eval"):  # another held-out split: rescore it
+    eval_changed = manifest.eval_digest != prep.digests.get("_eval")
+    if eval_changed:  # another held-out split: rescore it
         storage.remove(storage.join(out, "eval"))
         manifest.eval_digest = prep.digests.get("_eval")
     untrained = [s for s in prep.stages if manifest.stages.get(s.index) is None]
@@ -400,36 +404,47 @@ def train_stages(prep: Prepared, manifest: Manifest, *, force: bool = False, sto
         s, digests[BASE], ref=base if s.reference == BASE else None,
         ref_digest=digests[BASE] if s.reference == BASE else None, base=base, base_digest=digests[BASE])])
     job_dump = job.model_dump(mode="json")
+    base_id = model_identity(digests[BASE], base, job.model.revision)
     previous, records = None, []
     for stage in prep.stages:
         ref_digest = digests[BASE] if stage.reference == BASE else digests[stage.index - 1]
         inputs = stage_inputs(
-            base=digests[BASE], reference=ref_digest,
-            init=digests[BASE] if stage.init == BASE else digests[stage.index - 1],
-            partition=prep.digests[stage.partition], settings=stage_settings(job_dump, stage.to_dict()),
+            base=base_id, reference=base_id if stage.reference == BASE else ref_digest,
+            init=base_id if stage.init == BASE else digests[stage.index - 1],
+            partition=_partition_identity(prep, stage), settings=stage_settings(job_dump, stage.to_dict()),
         )
         done = _completed(prep, manifest, stage, inputs, force, log)
         if done is not None:
-            records.append(done["record"])
             digests[stage.index] = done["model_digest"]
             previous = done["model"]
-            evaluator.restore(stage, previous, done["model_digest"])
+            record = done["record"]
+            if eval_changed:  # its held-out metrics are recomputed on this run's held-out split
+                record = dict(record, metrics={k: v for k, v in record["metrics"].items() if "eval/" not in k}
+                              | evaluator.after_stage(stage, previous, done["model_digest"]),
+                              held_out_tables=evaluator.stage_tables(stage))
+                manifest.complete(stage.index, inputs=done["inputs"], model=previous,
+                                  model_digest=done["model_digest"], record=record)
+                storage.write_json_atomic(storage.join(out, MANIFEST), manifest.to_dict())
+            else:
+                evaluator.restore(stage, previous, done["model_digest"])
+            records.append(record)
             log(f"stage {stage.index}/{len(prep.stages)}: complete (model {previous}); skipped")
             if on_stage:
-                on_stage(done["record"], bool(done["record"].get("reused_from")))
+                on_stage(record, bool(record.get("reused_from")))
             continue
         stored = store.claim(inputs) if store is not None else None
         if stored is not None:
             record = _reuse(prep, stage, stored, previous, evaluator, log)
         else:
             try:
-                record = train_stage(prep, stage, previous, ref_digest, digests, settings, evaluator, log)
-            except BaseException:
+                record = train_stage(prep, stage, previous, ref_digest, digests, settings, evaluator, log,
+                                     run_name=train_run_name(job.name, stage.index, stage_key(inputs)))
+                if store is not None:
+                    store.publish(inputs, stage_dir=storage.join(out, "stages", str(stage.index)), record=record)
+            except BaseException:  # the stage's lease is given back, so other trials need not wait it out
                 if store is not None:
                     store.release(inputs)
                 raise
-            if store is not None:
-                store.publish(inputs, stage_dir=storage.join(out, "stages", str(stage.index)), record=record)
         previous = record["model"]
         records.append(record)
         digests[stage.index] = record["model_digest"]
@@ -464,6 +479,17 @@ def _reuse(prep: Prepared, stage: StagePlan, stored: Any, previous: str | None, 
     log(f"stage {stage.index}/{len(prep.stages)}: reused from the stage store ({stored.key}, "
         f"{record['metrics'].get('steps', 0)} optimiser steps not retrained)")
     return record
+
+
+def _partition_identity(prep: Prepared, stage: StagePlan) -> str:
+    """What identifies a stage's pairs among its inputs: their content (the order they train in is a
+    shuffle seeded by the stage's settings), or, with `training.shuffle: false`, their content and
+    stored positions, since then the stored order is the training order."""
+    from sdpo.passes import order_digest
+
+    if prep.job.training.shuffle:
+        return prep.digests[stage.partition]
+    return "ordered:" + order_digest(storage.join(prep.out, "data", "partitions", f"split={stage.partition}"))
 
 
 def _completed(prep: Prepared, manifest: Manifest, stage: StagePlan, inputs: dict, force: bool,
@@ -501,10 +527,12 @@ def _completed(prep: Prepared, manifest: Manifest, stage: StagePlan, inputs: dic
 
 
 def train_stage(prep: Prepared, stage: StagePlan, previous: Any, ref_digest: str | None, digests: dict,
-                settings: Any, evaluator: HeldOut, log: Callable[[str], None]) -> dict:
+                settings: Any, evaluator: HeldOut, log: Callable[[str], None], *, run_name: str) -> dict:
     """One stage: its passes, its TorchTrainer (which continues from its latest checkpoint when Ray
     Train's storage holds an interrupted run of the same name), its verified model and its record.
-    `previous`: the path of stage t-1's model (its Hugging Face folder under `<output>/stages/`)."""
+    `previous`: the path of stage t-1's model (its Hugging Face folder under `<output>/stages/`).
+    `run_name` (`plan.train_run_name`) carries the digest of the stage's inputs: the stage's runs under
+    other names are of other inputs, and are deleted rather than resumed."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -526,13 +554,14 @@ def train_stage(prep: Prepared, stage: StagePlan, previous: Any, ref_digest: str
         shuffle_seed=(job.seed * 1000 + stage.index) if job.training.shuffle else None,
         reference=passes["reference"].path if precompute else None, groups=loss.listwise,
     )}
+    drop_other_runs(storage.join(out, "ray"), train_run_prefix(job.name, stage.index), keep=run_name, log=log)
     trainer = TorchTrainer(
         stage_loop,
         train_loop_config=stage_config(job, stage, init, ref, prep.resources.torch_threads),
         scaling_config=ScalingConfig(num_workers=world, use_gpu=job.scaling.use_gpu,
                                      resources_per_worker=prep.resources.per_worker),
         run_config=RunConfig(
-            name=stage.run_name, storage_path=storage.join(out, "ray"),
+            name=run_name, storage_path=storage.join(out, "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpointing.num_to_keep),
             failure_config=FailureConfig(max_failures=job.checkpointing.max_failures),
         ),
@@ -564,6 +593,17 @@ def train_stage(prep: Prepared, stage: StagePlan, previous: Any, ref_digest: str
         "cache": {role: e.to_dict() for role, e in passes.items()},
         "held_out_tables": evaluator.stage_tables(stage),
     }
+
+
+def drop_other_runs(ray_dir: str, prefix: str, *, keep: str, log: Callable[[str], None]) -> None:
+    """Delete the Ray Train runs under `ray_dir` named `prefix*` other than `keep`: a stage's runs with
+    other inputs (an earlier config, data or base model), whose checkpoints must not be resumed."""
+    if not storage.isdir(ray_dir):
+        return
+    for name in storage.listdir(ray_dir):
+        if name.startswith(prefix) and name != keep:
+            log(f"removing {storage.join(ray_dir, name)}: a run of the same stage with other inputs")
+            storage.remove(storage.join(ray_dir, name))
 
 
 def write_stage_model(checkpoint: Any, model: str, stage_dir: str, side_files: tuple[str, ...],
@@ -695,7 +735,7 @@ class HeldOut:
         if isinstance(found, CacheEntry):
             self.log(f"{what}: cache hit {found.path}")
             return None
-        if found.marker is None and eval_complete(found.path):
+        if found.marker is None and eval_complete(found.path, str(model)):
             return None
         return Target(found.source, found.path, found.num_rows, found.marker or {"model": str(model)}, what=what)
 

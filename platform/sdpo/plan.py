@@ -8,8 +8,6 @@ including one that would leave Ray Data no CPU, which hangs `fit()` forever.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -35,7 +33,6 @@ class StagePlan:
     loss_options: dict
     epochs: int
     steps_per_epoch: int
-    run_name: str
 
     @property
     def total_steps(self) -> int:
@@ -51,8 +48,16 @@ def steps_per_epoch(num_pairs: int, world_size: int, batch_size: int, accumulati
     return math.ceil(math.ceil(rows_per_worker / batch_size) / accumulation)
 
 
-def job_hash(job: JobConfig) -> str:
-    return hashlib.sha256(json.dumps(job.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+def train_run_name(job_name: str, index: int, key: str) -> str:
+    """The name of stage `index`'s Ray Train run under `<output>/ray`. `key` is the digest of the stage's
+    inputs (models, pairs, settings): an interrupted stage resumes from its checkpoints only when its
+    inputs are the same, and a stage retrained with other inputs starts afresh rather than restoring a
+    checkpoint of the old ones. Index 0 is the selection probe."""
+    return f"{job_name}-{'probe' if index == 0 else f'stage{index}'}-{key[:10]}"
+
+
+def train_run_prefix(job_name: str, index: int) -> str:
+    return train_run_name(job_name, index, "")
 
 
 def plan_stages(job: JobConfig, names: list[str], sizes: list[int]) -> list[StagePlan]:
@@ -63,7 +68,6 @@ def plan_stages(job: JobConfig, names: list[str], sizes: list[int]) -> list[Stag
             "give one entry per stage (use {} for no change)"
         )
     t = job.training
-    digest = job_hash(job)[:10]
     plans = []
     for i, (name, n) in enumerate(zip(names, sizes, strict=True), start=1):
         if n == 0:
@@ -84,7 +88,6 @@ def plan_stages(job: JobConfig, names: list[str], sizes: list[int]) -> list[Stag
             learning_rate=(o and o.learning_rate) or t.learning_rate,
             epochs=epochs,
             steps_per_epoch=steps_per_epoch(n, job.scaling.num_workers, t.batch_size, t.gradient_accumulation_steps),
-            run_name=f"{job.name}-stage{i}-{digest}",
         ))
     return plans
 
