@@ -26,12 +26,12 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _texts(row: dict) -> tuple[str, str, str]:
+def _texts(row: dict, eos: str) -> tuple[str, str, str]:
     """(prompt, chosen, rejected) as text; conversational rows are rendered like the fallback template."""
     if isinstance(row["prompt"], str):
         return row["prompt"], row["chosen"], row["rejected"]
-    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in row["prompt"]) + "assistant: "
-    return prompt, row["chosen"][0]["content"] + "\n", row["rejected"][0]["content"] + "\n"
+    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in row["prompt"]) + "assistant:"
+    return prompt, f" {row['chosen'][0]['content']}{eos}\n", f" {row['rejected'][0]['content']}{eos}\n"
 
 
 def test_layout(assets):
@@ -53,7 +53,7 @@ def test_model_and_tokenizer_load(assets, tokenizer):
         tokenizer.pad_token_id,
     )
     assert not getattr(tokenizer, "chat_template", None)  # the project supplies the fallback
-    ids = tokenizer("user: hello\nassistant: ")["input_ids"]
+    ids = tokenizer("user: hello\nassistant:")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
     assert tokenizer("hello", add_special_tokens=False)["input_ids"] == [
         tokenizer.convert_tokens_to_ids("hello")
@@ -78,14 +78,14 @@ def test_formats(assets):
 @pytest.mark.parametrize("source", ["easy", "hard"])
 def test_pairs_tokenise_cleanly(assets, tokenizer, source):
     for row in _rows(assets.sources[source]):
-        prompt, chosen, rejected = _texts(row)
+        prompt, chosen, rejected = _texts(row, tokenizer.eos_token)
         p_ids = tokenizer(prompt)["input_ids"]
         c_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(rejected, add_special_tokens=False)["input_ids"]
         assert tokenizer.unk_token_id not in p_ids + c_ids + r_ids, row
         assert row["chosen"] != row["rejected"] and c_ids != r_ids, row
         assert len(c_ids) == len(r_ids), row  # no winning on length
-        assert len(p_ids) + len(c_ids) + 1 < 40
+        assert len(p_ids) + len(c_ids) + 1 < 40  # + 1: a standard completion's EOS
 
 
 def test_idempotent_and_force(tmp_path):

@@ -18,9 +18,10 @@ from sdpo.rows import (
     validate_scores,
 )
 
-MODEL = "/work/shared/models/stories260K"  # a real Llama tokenizer, without a chat template
+MODEL = "/work/shared/models/stories260K"  # a real Llama (SentencePiece) tokenizer, without a chat template
 
-STANDARD = {"prompt": "Tell me a story.", "chosen": "Once upon a time there was a cat.", "rejected": "No."}
+# Standard completions carry their separator, as in TRL's examples: the text read is prompt + completion.
+STANDARD = {"prompt": "Tell me a story.", "chosen": " Once upon a time there was a cat.", "rejected": " No."}
 CONVO = {
     "prompt": [{"role": "user", "content": "Tell me a story."}],
     "chosen": [{"role": "assistant", "content": "Once upon a time there was a cat."}],
@@ -45,6 +46,13 @@ def tok(base_tokenizer):
 
 def ids(tok, text, special=False):
     return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def after_prompt(tok, prompt, completion, special=True):
+    """The ids prompt + completion adds after the prompt's own ids (which must be a prefix of them)."""
+    head, whole = ids(tok, prompt, special), ids(tok, prompt + completion, special)
+    assert whole[:len(head)] == head
+    return whole[len(head):]
 
 
 def prepare(raw, tok, max_length=128, max_prompt_length=64):
@@ -141,7 +149,7 @@ def test_scored_pair_carries_its_rewards(tok):
     assert prepare(json.dumps(STANDARD), tok).rewards == []
 
 
-GROUP = {"prompt": "Name a colour.", "responses": ["Blue.", "I will not.", "Red, or maybe blue."],
+GROUP = {"prompt": "Name a colour.", "responses": [" Blue.", " I will not.", " Red, or maybe blue."],
          "rewards": [7.0, 1.0, 9.0]}
 
 
@@ -152,8 +160,8 @@ def test_k_response_row_binarises_to_best_and_worst(tok):
     assert (pair.chosen_index, pair.rejected_index) == (2, 1)
     assert pair.chosen_ids == pair.responses_ids[2] and pair.rejected_ids == pair.responses_ids[1]
     assert all(ids[-1] == tok.eos_token_id for ids in pair.responses_ids)
-    for ids, text in zip(pair.responses_ids, GROUP["responses"], strict=True):
-        assert ids[:-1] == tok(text, add_special_tokens=False)["input_ids"]
+    for got, text in zip(pair.responses_ids, GROUP["responses"], strict=True):
+        assert pair.prompt_ids + got[:-1] == ids(tok, GROUP["prompt"] + text, special=True)
 
 
 def test_conversational_k_response_row(tok):
@@ -199,35 +207,108 @@ def test_prepare_record_surfaces_every_check(tok):
 # Rendering and tokenisation with a real tokenizer
 # --------------------------------------------------------------------------------------------------
 def test_standard_row_gets_bos_prompt_and_eos_completions(tok):
+    """prompt + completion is tokenised whole (BOS first) and the completion gets exactly one EOS."""
     pair = prepare(json.dumps(STANDARD), tok)
     eos, bos = tok.eos_token_id, tok.bos_token_id
     assert pair.prompt_ids[0] == bos
     assert pair.prompt_ids == ids(tok, STANDARD["prompt"], special=True)
-    assert pair.chosen_ids == ids(tok, STANDARD["chosen"]) + [eos]
-    assert pair.rejected_ids == ids(tok, STANDARD["rejected"]) + [eos]
-    assert bos not in pair.chosen_ids and bos not in pair.rejected_ids
-    assert tok.decode(pair.chosen_ids[:-1]) == STANDARD["chosen"]
+    for got, text in ((pair.chosen_ids, STANDARD["chosen"]), (pair.rejected_ids, STANDARD["rejected"])):
+        assert pair.prompt_ids + got == ids(tok, STANDARD["prompt"] + text, special=True) + [eos]
+        assert got.count(eos) == 1 and got[-1] == eos
+        assert bos not in got
+    assert tok.decode(pair.prompt_ids + pair.chosen_ids[:-1], skip_special_tokens=True) == (
+        STANDARD["prompt"] + STANDARD["chosen"])
+
+
+def test_standard_completion_that_ends_with_eos_gets_no_second_one(tok):
+    """As TRL: the EOS is added only to a completion that does not already end with it."""
+    pair = prepare(with_(STANDARD, chosen=STANDARD["chosen"] + tok.eos_token), tok)
+    assert pair.chosen_ids[-1] == tok.eos_token_id and pair.chosen_ids.count(tok.eos_token_id) == 1
+    assert pair.chosen_ids == prepare(STANDARD, tok).chosen_ids
+
+
+def test_completion_gains_no_word_start_the_model_never_sees(tok):
+    """Zephyr's template: the generation prompt ends "<|assistant|>\\n" and the answer follows directly.
+    Tokenised alone, the answer "there ..." would start with SentencePiece's word-start "▁there", which
+    never follows that newline in the conversation the model reads; taken from the whole conversation's
+    ids, prompt + completion is exactly that conversation."""
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    row = {"prompt": [{"role": "user", "content": "Once upon a time"}],
+           "chosen": [{"role": "assistant", "content": "there was a cat"}],
+           "rejected": [{"role": "assistant", "content": "the dog ran"}]}
+    pair = prepare(row, tok)
+    whole = ids(tok, tok.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False))
+    assert pair.prompt_ids + pair.chosen_ids == whole
+    assert tok.convert_tokens_to_ids("▁there") not in pair.chosen_ids
+
+
+def test_chosen_and_rejected_share_the_prompt_ids_when_a_token_straddles_the_joint(tok):
+    """The prompt ends with its separator: alone, its trailing space is a token ("▁"); before a word it
+    is that word's start ("▁there"). The prompt is the longest prefix of its ids that every whole text
+    shares, and each completion is the rest of its own ids."""
+    row = {"prompt": "Once upon a time ", "chosen": "there was", "rejected": "a dog ran"}
+    pair = prepare(row, tok)
+    for got, text in ((pair.chosen_ids, row["chosen"]), (pair.rejected_ids, row["rejected"])):
+        assert pair.prompt_ids + got[:-1] == ids(tok, row["prompt"] + text, special=True)
+    assert pair.prompt_ids == ids(tok, "Once upon a time", special=True)  # without the lone "▁"
+    assert pair.chosen_ids[0] == tok.convert_tokens_to_ids("▁there")
+
+
+def test_standard_fields_that_meet_without_a_separator_are_not_glued(tok):
+    """UltraFeedback's layout: "...in the oven" + "To cook...". Read whole, "ovenTo" would be one word
+    (TRL's reading); the completion is tokenised alone instead, so it starts at a token boundary."""
+    row = {"prompt": "how to cook in the oven", "chosen": "To cook it", "rejected": "No."}
+    pair = prepare(row, tok)
+    assert pair.prompt_ids == ids(tok, row["prompt"], special=True)
+    assert pair.chosen_ids == ids(tok, row["chosen"]) + [tok.eos_token_id]
+    assert pair.rejected_ids == ids(tok, row["rejected"]) + [tok.eos_token_id]
+    glued = ids(tok, row["prompt"] + row["chosen"], special=True)
+    assert pair.prompt_ids + pair.chosen_ids[:-1] != glued
 
 
 def test_conversational_row_uses_the_fallback_template(tok):
     rendered = render_pair(CONVO, "conversational", tok)
     assert tok.chat_template == FALLBACK_CHAT_TEMPLATE
     assert rendered.templated
-    assert rendered.prompt == "<s>user: Tell me a story.\nassistant: "  # BOS, like standard prompts get
-    assert rendered.prompt.endswith("assistant: ")
-    assert rendered.chosen == "Once upon a time there was a cat.\n"
-    assert rendered.rejected == "No.\n"
+    assert rendered.prompt == "<s>user: Tell me a story.\nassistant:"  # BOS, like standard prompts get
+    # the assistant turn is closed by the EOS token, as text; the space before the answer is the completion's
+    assert rendered.chosen == " Once upon a time there was a cat.</s>\n"
+    assert rendered.rejected == " No.</s>\n"
 
 
 def test_conversational_row_tokens(tok):
-    """Templated text is tokenised without added special tokens; completions end in EOS."""
+    """Templated text is tokenised without added special tokens; prompt + completion is exactly the
+    whole rendered conversation's ids (no "▁" the model never sees at the joint), for chosen and for
+    rejected with the same prompt ids, and the one EOS is the template's."""
     pair = prepare(CONVO, tok)
     eos = tok.eos_token_id
-    assert pair.prompt_ids == ids(tok, "<s>user: Tell me a story.\nassistant: ")
+    assert pair.prompt_ids == ids(tok, "<s>user: Tell me a story.\nassistant:")
     assert pair.prompt_ids[0] == tok.bos_token_id and pair.prompt_ids.count(tok.bos_token_id) == 1
-    assert pair.chosen_ids == ids(tok, "Once upon a time there was a cat.\n") + [eos]
-    assert pair.rejected_ids == ids(tok, "No.\n") + [eos]
-    assert tok.decode(pair.chosen_ids[:-1]) == "Once upon a time there was a cat.\n"
+    for got, answer in ((pair.chosen_ids, CONVO["chosen"]), (pair.rejected_ids, CONVO["rejected"])):
+        whole = tok.apply_chat_template(CONVO["prompt"] + answer, tokenize=False)
+        assert pair.prompt_ids + got == ids(tok, whole)
+        assert got.count(eos) == 1 and got[-2:] == [eos, tok.convert_tokens_to_ids("<0x0A>")]
+    assert pair.chosen_ids[0] == tok.convert_tokens_to_ids("▁Once")
+    assert tok.decode(pair.chosen_ids) == "Once upon a time there was a cat.</s>\n"
+
+
+def test_fallback_template_without_an_eos_token_closes_turns_with_the_newline_alone(tok):
+    tok.eos_token = None
+    rendered = render_pair(CONVO, "conversational", tok)
+    assert rendered.prompt == "<s>user: Tell me a story.\nassistant:"
+    assert rendered.chosen == " Once upon a time there was a cat.\n"
+
+
+def test_templated_completion_that_ends_with_eos_gets_no_second_one(tok):
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    pair = prepare(CONVO, tok)
+    eos = tok.eos_token_id
+    for got in (pair.chosen_ids, pair.rejected_ids):
+        assert got[-1] == eos and got.count(eos) == 1
 
 
 def test_multi_turn_prompt_keeps_history(tok):
@@ -238,8 +319,8 @@ def test_multi_turn_prompt_keeps_history(tok):
         {"role": "user", "content": "A story?"},
     ])
     rendered = render_pair(row, "conversational", tok)
-    assert rendered.prompt == "<s>system: Be kind.\nuser: Hi\nassistant: Hello!\nuser: A story?\nassistant: "
-    assert rendered.chosen == "Once upon a time there was a cat.\n"
+    assert rendered.prompt == "<s>system: Be kind.\nuser: Hi\nassistant: Hello!</s>\nuser: A story?\nassistant:"
+    assert rendered.chosen == " Once upon a time there was a cat.</s>\n"
 
 
 def test_tokenizer_with_its_own_chat_template_is_used(tok):
@@ -255,7 +336,24 @@ def test_tokenizer_with_its_own_chat_template_is_used(tok):
     assert rendered.rejected == "No.<|end|>"
     pair = prepare(CONVO, tok)
     assert pair.prompt_ids == ids(tok, rendered.prompt)
-    assert pair.chosen_ids == ids(tok, rendered.chosen) + [tok.eos_token_id]
+    assert pair.chosen_ids == after_prompt(tok, rendered.prompt, rendered.chosen, special=False)
+    assert tok.eos_token_id not in pair.chosen_ids  # the template closes the turn ("<|end|>"): no EOS added
+
+
+def test_a_chat_template_that_raises_quarantines_the_row(tok):
+    """Gemma's and Mistral's templates raise_exception() on a system message or on roles that do not
+    alternate: a RowError (the row is quarantined), not an exception that ends the ingest."""
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    row = with_(CONVO, prompt=[{"role": "system", "content": "Be kind."}] + CONVO["prompt"])
+    with pytest.raises(RowError, match="the chat template failed on this row: System role not supported"):
+        prepare(row, tok)
+    tok.chat_template = "{{ (messages | length) // 0 }}"  # any other exception while rendering, too
+    with pytest.raises(RowError, match="the chat template failed on this row: .*division"):
+        prepare(CONVO, tok)
 
 
 def test_template_whose_generation_prompt_is_not_a_prefix_is_refused(tok):
@@ -274,12 +372,13 @@ def test_prompt_truncated_from_the_left(tok):
     assert len(full) > 20
     pair = prepare(with_(STANDARD, prompt=prompt), tok, max_length=200, max_prompt_length=20)
     assert pair.prompt_ids == full[-20:]
-    assert pair.chosen_ids == ids(tok, STANDARD["chosen"]) + [tok.eos_token_id]  # room enough: untouched
+    # room enough: untouched
+    assert pair.chosen_ids == after_prompt(tok, prompt, STANDARD["chosen"]) + [tok.eos_token_id]
 
 
 def test_completions_truncated_from_the_right_to_fit_max_length(tok):
-    chosen = "Once upon a time there was a cat who liked to sleep in the warm sun all day long."
-    rejected = "The dog ran far away into the woods and never came back to the little house again."
+    chosen = " Once upon a time there was a cat who liked to sleep in the warm sun all day long."
+    rejected = " The dog ran far away into the woods and never came back to the little house again."
     row = with_(STANDARD, chosen=chosen, rejected=rejected)
     max_length, max_prompt_length = 24, 8
     pair = prepare(row, tok, max_length=max_length, max_prompt_length=max_prompt_length)
@@ -288,7 +387,7 @@ def test_completions_truncated_from_the_right_to_fit_max_length(tok):
     room = max_length - len(pair.prompt_ids)
     for got, text in ((pair.chosen_ids, chosen), (pair.rejected_ids, rejected)):
         assert len(pair.prompt_ids) + len(got) == max_length
-        assert got == (ids(tok, text) + [tok.eos_token_id])[:room]  # keeps the start
+        assert got == (after_prompt(tok, STANDARD["prompt"], text) + [tok.eos_token_id])[:room]  # keeps the start
         assert tok.eos_token_id not in got  # EOS was cut along with the tail
 
 

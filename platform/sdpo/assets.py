@@ -42,7 +42,8 @@ ASSETS_VERSION = "1"
 SEED = 6  # any seed works (checked: 5 seeds); this one starts both sources near chance
 N_PAIRS = {"easy": 600, "hard": 1200}
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
-# The fallback chat template renders "{role}: {content}\n" and the generation prompt "assistant: ".
+# The fallback chat template renders "{role}: {content}\n" (an assistant's content closed by "</s>") and the
+# generation prompt "assistant:"; the word-level tokenizer reads "</s>" as the EOS token and drops the newline.
 ROLE_WORDS = ["system", "user", "assistant", ":"]
 
 # --- easy: greetings. Texts are space-separated tokens, so word count == token count. -------------

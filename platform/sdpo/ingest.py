@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import posixpath
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ EVAL_SPLIT = "_eval"
 UNUSED_SPLIT = "_unused"
 DROPPED_SPLIT = "_dropped"
 _CHUNK = 8 << 20
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors write at the start of a file
 _ROWS_PER_BLOCK = 2048
 _ROWS_PER_SORT_PARTITION = 100_000
 
@@ -62,13 +64,25 @@ def _data_error(err: BaseException | None, depth: int = 0) -> DataError | None:
 # --------------------------------------------------------------------------------------------------
 # Reading: one row per JSON line / JSON array element / Parquet row, with its provenance
 # --------------------------------------------------------------------------------------------------
-def _block(source: str, path: str, lines: list[int], raws: list[str]) -> pa.Table:
+def _block(source: str, path: str, lines: list[int], raws: list[str], problems: list[str] | None = None) -> pa.Table:
+    """`problems`: per row, why it could not even be read ("" if it could); prepare_block quarantines it."""
     return pa.table({
         "source": pa.array([source] * len(lines), pa.string()),
         "file": pa.array([path] * len(lines), pa.string()),
         "line": pa.array(lines, pa.int64()),
         "raw": pa.array(raws, pa.large_string()),
+        "problem": pa.array(problems or [""] * len(lines), pa.string()),
     })
+
+
+def _decode_line(data: bytes) -> tuple[str, str]:
+    """A line's text and "", or, for bytes that are not UTF-8, the text with the bad bytes escaped (for
+    the quarantine file) and the reason. Lines are whole here, so a character split across read chunks is
+    never mistaken for a bad one."""
+    try:
+        return data.decode("utf-8"), ""
+    except UnicodeDecodeError as err:
+        return data.decode("utf-8", errors="backslashreplace"), f"not valid UTF-8 at byte {err.start} of the line"
 
 
 class PreferenceFiles(FileBasedDatasource):
@@ -106,6 +120,8 @@ class PreferenceFiles(FileBasedDatasource):
 
     def _read_json(self, f: pa.NativeFile, path: str, *, allow_array: bool) -> Iterator[pa.Table]:
         head = f.read(_CHUNK)
+        if head.startswith(_BOM):
+            head = head[len(_BOM):]
         if allow_array and head.lstrip()[:1] == b"[":  # one JSON array of objects
             try:
                 data = json.loads(head + f.read())
@@ -121,23 +137,27 @@ class PreferenceFiles(FileBasedDatasource):
                 chunk = raws[i:i + _ROWS_PER_BLOCK]
                 yield _block(self._source, path, list(range(i + 1, i + 1 + len(chunk))), chunk)
             return
-        lines, raws, number, rest = [], [], 0, b""
+        lines, raws, problems, number, rest = [], [], [], 0, b""
         while head:
             *complete, rest = (rest + head).split(b"\n")
-            for text in complete:
+            for data in complete:
                 number += 1
-                if text.strip():  # blank lines are not rows
+                if data.strip():  # blank lines are not rows
+                    text, problem = _decode_line(data)
                     lines.append(number)
-                    raws.append(text.decode("utf-8", errors="replace"))
+                    raws.append(text)
+                    problems.append(problem)
             if len(lines) >= _ROWS_PER_BLOCK:
-                yield _block(self._source, path, lines, raws)
-                lines, raws = [], []
+                yield _block(self._source, path, lines, raws, problems)
+                lines, raws, problems = [], [], []
             head = f.read(_CHUNK)
         if rest.strip():
+            text, problem = _decode_line(rest)
             lines.append(number + 1)
-            raws.append(rest.decode("utf-8", errors="replace"))
+            raws.append(text)
+            problems.append(problem)
         if lines:
-            yield _block(self._source, path, lines, raws)
+            yield _block(self._source, path, lines, raws, problems)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,16 +181,23 @@ class TokenizerSettings:
 def file_identity(path: str, root: str) -> str:
     """A file's name relative to its source's common folder: unique within the source, and the same
     whether the files sit on a laptop or in a bucket (so the split does not depend on where they are)."""
-    rel = path[len(root):].lstrip("/") if root and path.startswith(root) else path
+    folder = root if root.endswith("/") else root + "/"  # a folder, not a name's first letters: /d/a vs /d/ab
+    rel = path[len(folder):].lstrip("/") if root and path.startswith(folder) else path
     return rel or os.path.basename(path)
 
 
 def source_roots(files: dict[str, list[str]]) -> dict[str, str]:
+    """Source -> the deepest folder holding all its files ("/d", "s3://bucket/data"); "" if they share none."""
     roots = {}
     for name, paths in files.items():
-        dirs = {p.rsplit("/", 1)[0] if "/" in p else "" for p in paths}
-        root = os.path.commonprefix(sorted(dirs))
-        roots[name] = root if root in dirs or root.endswith("/") else root.rsplit("/", 1)[0]
+        schemes = {p.split("://", 1)[0] + "://" if "://" in p else "" for p in paths}
+        scheme = schemes.pop() if len(schemes) == 1 else None
+        try:  # whole path components; fails on a mix of absolute and relative paths
+            common = posixpath.commonpath([posixpath.dirname(p[len(scheme):]) for p in paths]) \
+                if scheme is not None else None
+        except ValueError:
+            common = None
+        roots[name] = "" if common is None else scheme + common
     return roots
 
 
@@ -189,12 +216,15 @@ def prepare_block(batch: pa.Table, settings: TokenizerSettings) -> pa.Table:
     cols = {k: [] for k in ("reason", "raw", "prompt_ids", "chosen_ids", "rejected_ids", "responses_ids",
                             "rewards", "chosen_index", "rejected_index", "eval_key", "split_key", "content_key",
                             "num_tokens", "user_score")}
-    for src, path, line, raw in zip(*(batch.column(c).to_pylist() for c in ("source", "file", "line", "raw")),
-                                    strict=True):
+    problems = batch.column("problem").to_pylist() if "problem" in batch.column_names else [""] * batch.num_rows
+    for src, path, line, raw, problem in zip(
+            *(batch.column(c).to_pylist() for c in ("source", "file", "line", "raw")), problems, strict=True):
         name = file_identity(path, settings.roots[src])
         eval_key = row_keys(src, name, line, settings.eval_seed)[0]
         split_key = row_keys(src, name, line, settings.seed)[1]
         try:
+            if problem:  # the reader could not decode it
+                raise RowError(problem)
             pair = prepare_record(raw, tok, max_length=settings.max_length,
                                   max_prompt_length=settings.max_prompt_length, eos_id=settings.eos_id,
                                   mapping=settings.mappings.get(src))

@@ -15,8 +15,16 @@ where chosen and rejected are whole conversations that begin with the same promp
 
 Conversational rows are rendered with the tokenizer's chat template; a tokenizer without one gets
 `FALLBACK_CHAT_TEMPLATE` (documented in the README). The completion is whatever the rendered
-conversation adds after the rendered prompt with its generation prompt, so chosen and rejected share
-exactly the same prompt tokens.
+conversation adds after the rendered prompt with its generation prompt.
+
+Tokenisation follows TRL's DPOTrainer: the prompt text and each prompt + completion text are tokenised
+whole (a completion tokenised alone would start with tokens the model never sees after that prompt,
+such as SentencePiece's "▁" word-start marker), the prompt ids are the longest prefix the prompt's ids
+share with every prompt + completion (so chosen and rejected, or all K responses, share exactly the
+same prompt tokens) and each completion is the rest of its ids. Standard text whose prompt and
+completion meet without whitespace (UltraFeedback's fields) is not glued into one word: its completion is
+tokenised alone, from a token boundary. Standard completions get an EOS unless
+they already end with one; a conversational completion ends as the chat template closes the turn.
 
 Truncation keeps pairs comparable: the prompt is cut from the left (its end, next to the answer, is
 kept), completions from the right, and both completions get the same prompt.
@@ -33,11 +41,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-# BOS, then "{role}: {content}" per line and "assistant: " as the generation prompt. Every completion
-# then starts right after "assistant: " and ends with a newline, before the EOS token we append.
+# BOS, then "{role}: {content}" per line, an assistant's content closed by the EOS token (as text, when
+# the tokenizer has one; like Zephyr's template), and "assistant:" as the generation prompt. A completion
+# is then " {content}{eos}\n": the generation prompt ends before the space, so that with SentencePiece
+# tokenizers the prompt's tokens are a prefix of the whole conversation's ("▁word" starts the answer).
 FALLBACK_CHAT_TEMPLATE = (
-    "{{ bos_token or '' }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
+    "{{ bos_token or '' }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
+    "{{ eos_token if message['role'] == 'assistant' and eos_token else '' }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -70,14 +81,19 @@ class TokenizedPair:
 # Parsing and validation
 # --------------------------------------------------------------------------------------------------
 def parse_record(raw: str | bytes | dict[str, Any]) -> dict[str, Any]:
+    """The row as a dict without its null fields: a null is an absent field (a Parquet file that mixes
+    pairs and K-response rows has null `responses` in its pairs and null `chosen` in its groups)."""
     if isinstance(raw, dict):
-        return raw
-    try:
-        record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RowError(f"invalid JSON: {err.msg if hasattr(err, 'msg') else err}") from None
-    if not isinstance(record, dict):
-        raise RowError(f"a row must be a JSON object, got {type(record).__name__}")
+        record = raw
+    else:
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RowError(f"invalid JSON: {err.msg if hasattr(err, 'msg') else err}") from None
+        if not isinstance(record, dict):
+            raise RowError(f"a row must be a JSON object, got {type(record).__name__}")
+    if any(v is None for v in record.values()):
+        record = {k: v for k, v in record.items() if v is not None}
     return record
 
 
@@ -86,8 +102,9 @@ class RowMapping:
     """How a source's rows become TRL rows, before validation.
 
     - `columns`: our field -> the file's column (`{prompt: question}`); `system` may name a column
-      whose text becomes a system message: the prompt is then the conversation [system, user: prompt]
-      and string completions become assistant messages (Intel/orca_dpo_pairs' layout);
+      whose text becomes a system message: a string prompt becomes the conversation [system, user: prompt]
+      and string completions become assistant messages (Intel/orca_dpo_pairs' layout); a prompt that is
+      already a conversation gets it as its first message (a RowError if it has a system message too);
     - `implicit_prompt`: chosen and rejected are whole conversations; the prompt is their shared
       leading messages and any prompt column is ignored. Rows without a prompt field whose chosen and
       rejected are message lists are read this way anyway (as TRL does).
@@ -104,18 +121,29 @@ class RowMapping:
             renamed = {ours: record[theirs] for ours, theirs in self.columns if theirs in record}
             taken = {theirs for _, theirs in self.columns}
             record = {k: v for k, v in record.items() if k not in taken} | renamed
-        if "system" in dict(self.columns):
-            record = _with_system(record)
         if "responses" not in record and (self.implicit_prompt or record.get("prompt") is None):
             record = _split_implicit_prompt(record, explicit=self.implicit_prompt)
+        if "system" in dict(self.columns):  # after the split: an implicit prompt gets the system message too
+            record = _with_system(record, self.column("system"))
         return record
 
 
-def _with_system(record: dict[str, Any]) -> dict[str, Any]:
+def _with_system(record: dict[str, Any], column: str) -> dict[str, Any]:
+    record = dict(record)
     system, prompt = record.pop("system", None), record.get("prompt")
+    if system is not None and not isinstance(system, str):
+        raise RowError(f"field 'system' (column '{column}') must be a string, got {type(system).__name__}")
+    system = system if system and system.strip() else None
+    if isinstance(prompt, list):  # already a conversation: the system message goes first
+        if system is None:
+            return record
+        if any(isinstance(m, dict) and m.get("role") == "system" for m in prompt):
+            raise RowError(f"two system messages: the '{column}' column (mapped to 'system') and one in the "
+                           "prompt's messages; give the system message in one place")
+        return dict(record, prompt=[{"role": "system", "content": system}] + prompt)
     if not isinstance(prompt, str):
-        return record  # already conversational (or missing: validation names it)
-    messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+        return record  # missing or of the wrong type: validation names it
+    messages = [] if system is None else [{"role": "system", "content": system}]
     out = dict(record, prompt=messages + [{"role": "user", "content": prompt}])
     for field in ("chosen", "rejected"):
         if isinstance(out.get(field), str):
@@ -230,15 +258,23 @@ def ensure_chat_template(tokenizer: Any) -> None:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
 
 
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as err:  # jinja2's TemplateError (a template's raise_exception: "System role not
+        # supported", roles that do not alternate), or whatever else a template raises on this row
+        raise RowError(f"the chat template failed on this row: {err}") from None
+
+
 def render_completions(prompt: Any, completions: dict[str, Any], kind: str, tokenizer: Any) -> tuple[str, list[str]]:
     """The prompt's text and each completion's text (what the conversation adds after the prompt)."""
     if kind == "standard":
         return prompt, list(completions.values())
     ensure_chat_template(tokenizer)
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    text = _apply_template(tokenizer, prompt, add_generation_prompt=True)
     out = []
     for name, messages in completions.items():
-        full = tokenizer.apply_chat_template(prompt + messages, tokenize=False)
+        full = _apply_template(tokenizer, prompt + messages)
         if not full.startswith(text):
             raise RowError(
                 f"the chat template does not render '{name}' as a continuation of the prompt; "
@@ -254,17 +290,43 @@ def render_pair(record: dict[str, Any], kind: str, tokenizer: Any) -> RenderedPa
     return RenderedPair(prompt, chosen, rejected, templated=kind != "standard")
 
 
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _tokenize(prompt: str, completions: dict[str, str], templated: bool, tokenizer: Any, *, max_length: int,
               max_prompt_length: int, eos_id: int) -> tuple[list[int], list[list[int]]]:
-    # Templated text already carries the model's special tokens (BOS among them) as text.
-    prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+    # Templated text already carries the model's special tokens (BOS among them) as text; standard text
+    # gets the tokenizer's (BOS) on the prompt, and so at the start of prompt + completion.
+    special = not templated
+    prompt_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
     if not prompt_ids:
         raise RowError("prompt tokenises to nothing")
-    prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end, next to the answer
+    # Each completion tokenised after its prompt, as the model reads it; where a token straddles the
+    # joint (or a tokenizer adds an EOS to the prompt alone) the completion starts where the ids diverge.
+    # Standard text that meets without whitespace ("...the oven" + "To cook...", UltraFeedback's
+    # layout) is two fields, not one word: the completion starts at a token boundary, tokenised alone.
+    whole = {name: tokenizer(prompt + text, add_special_tokens=special)["input_ids"]
+             if templated or prompt[-1:].isspace() or text[:1].isspace()
+             else prompt_ids + tokenizer(text, add_special_tokens=False)["input_ids"]
+             for name, text in completions.items()}
+    shared = min(_common_prefix_length(prompt_ids, ids) for ids in whole.values())
+    if shared == 0:
+        raise RowError("the prompt shares no leading token with prompt + completion tokenised together")
+    prompt_ids = prompt_ids[:shared][-max_prompt_length:]  # keep the end, next to the answer
     room = max_length - len(prompt_ids)
     out = []
-    for name, text in completions.items():
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id]
+    for name, ids in whole.items():
+        ids = ids[shared:]
+        if not templated and ids[-1:] != [eos_id]:  # a chat template closes its turns itself
+            ids = ids + [eos_id]
+        if not ids:
+            raise RowError(f"'{name}' tokenises to nothing after the prompt")
         ids = ids[:room]
         if len(ids) == 0:
             raise RowError(f"nothing left of '{name}' after truncation to max_length={max_length}")
