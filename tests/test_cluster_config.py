@@ -68,7 +68,10 @@ def test_head_schedules_no_work_and_gpu_nodes_scale_from_zero(launcher):
 
 
 def test_cluster_yaml_opens_with_its_command():
-    assert CLUSTER.read_text().startswith("# ray up cluster.yaml")
+    first = CLUSTER.read_text().splitlines()[0]
+    assert first.startswith("# ray up cluster.yaml")
+    # `ray dashboard` holds its tunnel in the foreground: `&&` would never reach the submit
+    assert "ray dashboard cluster.yaml &" in first and "ray dashboard cluster.yaml &&" not in first.replace(" ", "")
 
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)

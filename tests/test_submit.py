@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sdpo.config import ConfigError
 from sdpo.submit import EXCLUDES, build_submission
@@ -56,6 +57,46 @@ def test_tune_submission_validates_the_space_and_needs_an_output():
     assert shlex.split(sub.entrypoint)[3:] == ["tune", "tune_spaces/orderings.yaml", "--output", "s3://b/tune"]
     with pytest.raises(ConfigError, match="needs --output"):
         build_submission(str(space), tune=True, working_dir=str(ROOT))
+
+
+def test_a_tune_space_whose_base_job_is_outside_the_working_directory_is_refused():
+    """The space travels, but its `job: ../jobs/quickstart.yaml` would not: refused before any upload."""
+    space = ROOT / "tune_spaces" / "orderings.yaml"
+    with pytest.raises(ConfigError, match=r"outside the working directory .*base job \(job: \.\./jobs/quickstart"):
+        build_submission(str(space), tune=True, output="s3://b/tune", working_dir=str(ROOT / "tune_spaces"))
+
+
+def _data_job(tmp_path: Path, path: str) -> Path:
+    text = QUICKSTART.read_text().replace("builtin:quickstart/easy", path)
+    job = tmp_path / "w" / "job.yaml"
+    job.parent.mkdir(exist_ok=True)
+    job.write_text(text)
+    return job
+
+
+def test_relative_data_paths_must_travel_with_the_working_directory(tmp_path):
+    """On the cluster a relative data path is read from the working copy: outside it, or not there, refused."""
+    job = _data_job(tmp_path, "../easy.jsonl")
+    with pytest.raises(ConfigError, match=r"data\.sources\[easy\]\.path '\.\./easy\.jsonl'.*outside the working"):
+        build_submission(str(job), output="s3://b/r", working_dir=str(tmp_path / "w"))
+    job = _data_job(tmp_path, "data/easy-*.jsonl")
+    with pytest.raises(ConfigError, match=r"'data/easy-\*\.jsonl' matches no file in the working directory"):
+        build_submission(str(job), output="s3://b/r", working_dir=str(tmp_path / "w"))
+    (tmp_path / "w" / "data").mkdir()
+    (tmp_path / "w" / "data" / "easy-0.jsonl").write_text("{}\n")
+    assert build_submission(str(job), output="s3://b/r", working_dir=str(tmp_path / "w")).output == "s3://b/r"
+    for fine in ("s3://b/easy.jsonl", str(tmp_path / "elsewhere.jsonl")):  # object storage, shared storage
+        build_submission(str(_data_job(tmp_path, fine)), output="s3://b/r", working_dir=str(tmp_path / "w"))
+
+
+def test_a_tune_spaces_base_job_data_paths_are_checked(tmp_path):
+    (tmp_path / "w").mkdir()
+    space = tmp_path / "w" / "space.yaml"
+    job = yaml.safe_load(QUICKSTART.read_text())
+    job["data"]["sources"][0]["path"] = "../easy.jsonl"
+    space.write_text(yaml.safe_dump({"name": "s", "job": job, "search": {"loss.beta": {"choice": [0.1, 0.2]}}}))
+    with pytest.raises(ConfigError, match=r"space\.yaml's base job: data\.sources\[easy\]\.path"):
+        build_submission(str(space), tune=True, output="s3://b/t", working_dir=str(tmp_path / "w"))
 
 
 def test_cli_without_an_address_says_how_to_give_one():

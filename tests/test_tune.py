@@ -1,7 +1,8 @@
-"""`sdpo tune` for real: a 4-trial search over orderings and stage counts on the quickstart's tiny model,
-run as the CLI on its own local Ray instance. Checks that ASHA prunes at a stage boundary, that trials
-sharing their first stage reuse it from the stage store instead of training it again, and that the
-outputs (results table, plot, best_job.yaml) are written and usable."""
+"""`sdpo tune` for real: a 4-trial search over orderings and stage 2's learning rate on the quickstart's
+tiny model, run as the CLI on its own local Ray instance. Checks that ASHA prunes at a stage boundary,
+that trials sharing their first stage reuse it from the stage store instead of training it again, that
+the metrics the space loader accepts are the ones trials report, and that the outputs (results table,
+plot, best_job.yaml) are written and usable."""
 
 import csv
 import json
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from sdpo.config import parse_job
-from sdpo.tuning import load_space
+from sdpo.tuning import load_space, reported_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "tune_spaces").glob("*.yaml"))
@@ -45,8 +46,10 @@ def search(tmp_path_factory):
     space = {
         "name": "ord",
         "job": job,
-        # trials 1 and 2 share stage 1 (easy), trials 3 and 4 share stage 1 (hard)
-        "search": {"partition_order": {"grid": [["easy"], ["easy", "hard"], ["hard"], ["hard", "easy"]]}},
+        # every trial has 2 stages (ASHA compares trials at the same stage); the two easy-first trials share
+        # stage 1 (easy), the two hard-first ones stage 1 (hard): they differ in stage 2's learning rate
+        "search": {"partition_order": {"grid": [["easy", "hard"], ["hard", "easy"]]},
+                   "stages.1.learning_rate": {"grid": [1.0e-3, 5.0e-4]}},
         "searcher": "grid",
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
         "metric": "eval/easy/reward_accuracy",  # high after an easy stage, at chance after a hard one
@@ -59,31 +62,33 @@ def search(tmp_path_factory):
                        env=ENV, timeout=1100)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
-    return out, rows, r.stdout + r.stderr
+    return out, rows, r.stdout + r.stderr, parse_job(job)
 
 
 @pytest.mark.timeout(1200)
 def test_every_trial_reported(search):
-    out, rows, _ = search
-    assert len(rows) == 4
+    out, rows, _, _ = search
+    assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4
     orders = sorted(r["order"] for r in rows)
-    assert orders == sorted(["easy", "easy→hard", "hard", "hard→easy"])
+    assert orders == ["easy→hard", "easy→hard", "hard→easy", "hard→easy"]
     assert (out / "results.md").read_text().count("\n|") >= 5
     assert (out / "metric.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.timeout(1200)
 def test_prefix_stages_are_reused_not_retrained(search):
-    out, rows, log = search
-    assert sum(int(r["reused"]) for r in rows) == 2
+    out, rows, log, _ = search
+    assert sum(int(r["reused"]) for r in rows) == 2  # the second trial of each order reuses stage 1
     store = out / "stage_store"
     entries = [d for d in store.iterdir() if (d / "_COMPLETE.json").exists()]
-    assert len(entries) == 3  # easy@1, easy→hard@2, hard@1: each trained once
+    assert len(entries) == sum(int(r["stages"]) - int(r["reused"]) for r in rows)  # each stage trained once
     assert "reused from other trials" in log
     # a reused stage is the very model its first trial trained: byte-identical weights
-    by_order = {r["order"]: r["trial"] for r in rows}
-    trained = out / "trials" / by_order["easy"] / "stages" / "1" / "model" / "model.safetensors"
-    summary = json.loads((out / "trials" / by_order["easy→hard"] / "summary.json").read_text())
+    easy = [r for r in rows if r["order"] == "easy→hard"]
+    trainer, reuser = sorted(easy, key=lambda r: int(r["reused"]))
+    assert (int(trainer["reused"]), int(reuser["reused"])) == (0, 1)
+    trained = out / "trials" / trainer["trial"] / "stages" / "1" / "model" / "model.safetensors"
+    summary = json.loads((out / "trials" / reuser["trial"] / "summary.json").read_text())
     first = summary["stages"][0]
     assert first["reused_from"] and first["model"].startswith(str(store))
     assert (Path(first["model"]) / "model.safetensors").read_bytes() == trained.read_bytes()
@@ -91,8 +96,18 @@ def test_prefix_stages_are_reused_not_retrained(search):
 
 
 @pytest.mark.timeout(1200)
+def test_the_metrics_the_loader_accepts_are_the_ones_trials_report(search):
+    """`tuning.reported_metrics` (what a space's metric is checked against) names only metrics a trained
+    stage's record holds."""
+    out, rows, _, job = search
+    trainer = next(r for r in rows if r["order"] == "easy→hard" and r["reused"] == "0")
+    metrics = json.loads((out / "trials" / trainer["trial"] / "summary.json").read_text())["stages"][0]["metrics"]
+    assert set(reported_metrics(job)) - set(metrics) == set()
+
+
+@pytest.mark.timeout(1200)
 def test_asha_prunes_at_a_stage_boundary(search):
-    _, rows, _ = search
+    _, rows, _, _ = search
     pruned = [r for r in rows if r["pruned"].lower() == "true"]
     assert pruned, rows
     assert all(r["order"] == "hard→easy" and r["stages"] == "1" for r in pruned)
@@ -100,9 +115,9 @@ def test_asha_prunes_at_a_stage_boundary(search):
 
 @pytest.mark.timeout(1200)
 def test_best_job_reproduces_the_best_trial(search):
-    out, rows, _ = search
+    out, rows, _, _ = search
     best = rows[0]
-    assert best["order"] in ("easy", "easy→hard")
+    assert best["order"] == "easy→hard"
     text = (out / "best_job.yaml").read_text()
     assert text.startswith("# sdpo run best_job.yaml")
     job = parse_job(yaml.safe_load(text))

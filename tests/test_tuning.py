@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdpo.config import ConfigError, parse_job
+from sdpo.config import ConfigError, load_yaml, parse_job
 from sdpo.plan import PlanError, plan_resources, plan_scoring
 from sdpo.tune_results import (
     DRIVER_CPUS,
+    TrialNeeds,
+    autoscaled_trials,
     best_job_yaml,
     order_label,
     plan_trials,
@@ -32,10 +34,14 @@ from sdpo.tuning import (
     max_stages,
     optuna_define_by_run,
     parse_space,
+    reported_metrics,
+    resource_jobs,
     stage_count,
     to_tune_param_space,
+    trial_count,
     trial_job,
     trial_name,
+    tune_num_samples,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +54,7 @@ BASE = {
 }
 THREE = copy.deepcopy(BASE)
 THREE["data"]["sources"].append({"name": "medium", "path": "m.jsonl"})
+FIFO = {"scheduler": {"type": "fifo"}}  # trials of different stage counts: ASHA cannot compare them
 
 
 def space(search, job=BASE, **top):
@@ -76,7 +83,7 @@ search:
   training.learning_rate: {choice: [1.0e-4, 1.0e-3]}
   loss.type: {choice: [sigmoid, ipo]}
 searcher: random
-scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+scheduler: {type: fifo}
 num_samples: 4
 metric: eval/reward_accuracy
 mode: max
@@ -97,12 +104,29 @@ def write_example(tmp_path: Path, text: str = EXAMPLE, job: dict = BASE) -> Path
 def test_example_space_loads_with_job_relative_to_the_space_file(tmp_path):
     s = load_space(write_example(tmp_path))
     assert s.name == "orderings" and s.searcher == "random" and s.num_samples == 4
-    assert s.scheduler.type == "asha" and s.scheduler.reduction_factor == 2
+    assert s.scheduler.type == "fifo"
     assert s.job == BASE  # the raw base job, as written
     assert s.base_job["training"] == {"epochs": 2} and "training" not in s.job  # `set` applied to a copy
     assert s.search["partition_order"].options == [["easy", "hard"], ["hard", "easy"]]
     assert s.search["loss.beta"].form == "loguniform" and not s.search["loss.beta"].discrete
     assert max_stages(s) == 2
+
+
+def test_a_space_file_reads_floats_without_a_dot_as_numbers(tmp_path):
+    """`5e-7` in a space file is a number (YAML 1.1 would read it as a string), as in a job file."""
+    text = EXAMPLE.replace("{choice: [1.0e-4, 1.0e-3]}", "{choice: [5e-7, 1e-6]}")
+    assert text != EXAMPLE
+    s = load_space(write_example(tmp_path, text))
+    assert s.search["training.learning_rate"].options == [5e-7, 1e-6]
+
+
+def test_every_space_shown_in_the_readme_loads():
+    """The README's example spaces (fenced yaml with a `search:`), as if they lay in tune_spaces/."""
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if "search:" in b]
+    assert blocks
+    for block in blocks:
+        s = parse_space(load_yaml(block), origin="README", base_dir=ROOT / "tune_spaces")
+        assert s.search
 
 
 def test_the_quickstart_job_is_a_valid_base(tmp_path):
@@ -216,7 +240,7 @@ def test_partition_order_sets_the_natural_order():
 
 
 def test_a_subset_order_leaves_the_other_sources_unused_but_listed():
-    s = space({"partition_order": {"choice": [["hard"], ["medium", "easy"]]}}, job=THREE)
+    s = space({"partition_order": {"choice": [["hard"], ["medium", "easy"]]}}, job=THREE, **FIFO)
     job = trial_job(s, {"partition_order": ["medium", "easy"]})
     assert job.partitioning.order == ["medium", "easy"] and job.num_partitions() == 2
     assert len(job.data.sources) == 3
@@ -224,7 +248,7 @@ def test_a_subset_order_leaves_the_other_sources_unused_but_listed():
 
 def test_natural_one_stage_pools_the_ordered_sources():
     """num_stages 1 with a natural order: one stage of plain DPO on every ordered source at once."""
-    s = space({"partition_order": {"permutations": ["easy", "hard"]}, "num_stages": {"choice": [1, 2]}})
+    s = space({"partition_order": {"permutations": ["easy", "hard"]}, "num_stages": {"choice": [1, 2]}}, **FIFO)
     pooled = trial_job(s, {"partition_order": ["hard", "easy"], "num_stages": 1})
     assert pooled.partitioning.strategy.value == "random" and pooled.partitioning.num_parts == 1
     assert pooled.partitioning.order is None and pooled.num_partitions() == 1
@@ -234,10 +258,13 @@ def test_natural_one_stage_pools_the_ordered_sources():
 
 
 def test_pooling_a_subset_restricts_the_sources():
-    """random has no per-source filter, so the sources left out of the order leave `data.sources`."""
-    s = space({"partition_order": {"choice": [["hard", "easy"]]}, "num_stages": 1}, job=THREE)
+    """random has no per-source filter, so the sources left out of the order leave `data.sources` (and
+    their held-out pairs with them: allowed only when the metric is not a held-out one)."""
+    search = {"partition_order": {"choice": [["hard", "easy"]]}, "num_stages": 1}
+    s = space(search, job=THREE, metric="train/loss")
     job = trial_job(s, {"partition_order": ["hard", "easy"]})
     assert [x.name for x in job.data.sources] == ["easy", "hard"] and job.num_partitions() == 1
+    assert "['medium'] would leave data.sources" in error(search, job=THREE)
 
 
 def test_natural_num_stages_must_match_the_order_or_be_one():
@@ -297,15 +324,100 @@ def test_split_strategy_alone_keeps_base_proportions():
 
 def test_stage_count_and_max_stages():
     s = space({"partition_order": {"choice": [["hard"], ["easy", "hard"]]},
-               "split_strategy": {"choice": ["random", "stratified"]}, "num_stages": {"randint": [1, 5]}})
+               "split_strategy": {"choice": ["random", "stratified"]}, "num_stages": {"randint": [1, 5]}},
+              metric="train/loss", **FIFO)
     config = {"partition_order": ["easy", "hard"], "split_strategy": "random", "num_stages": 4}
     assert stage_count(s, config) == 4 and stage_count(s, config | {"num_stages": 1}) == 1
     assert max_stages(s) == 4  # randint excludes hi
-    natural = space({"partition_order": {"choice": [["hard"], ["easy", "hard"]]}})
+    natural = space({"partition_order": {"choice": [["hard"], ["easy", "hard"]]}}, **FIFO)
     assert max_stages(natural) == 2 and stage_count(natural, {"partition_order": ["hard"]}) == 1
-    # a range's ends are checked: natural with 4 stages on 2 sources cannot run
-    msg = error({"partition_order": {"choice": [["easy", "hard"]]}, "num_stages": {"randint": [1, 5]}})
-    assert "num_stages=4" in msg
+    # every value of a num_stages range is checked: natural with 3 stages on 2 sources cannot run
+    msg = error({"partition_order": {"choice": [["easy", "hard"]]}, "num_stages": {"randint": [1, 5]}}, **FIFO)
+    assert "num_stages=3" in msg
+
+
+def test_every_value_of_a_num_stages_range_is_checked():
+    """A 3-source natural job takes 1 or 3 stages: [1, 4)'s ends fit, its middle (2) does not."""
+    msg = error({"num_stages": {"randint": [1, 4]}}, job=THREE, **FIFO)
+    assert "the search point {'num_stages': 2} cannot run" in msg and "allowed num_stages [1, 3]" in msg
+    ok = space({"num_stages": {"randint": [1, 4]}, "split_strategy": "random"}, job=THREE, **FIFO)
+    assert max_stages(ok) == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# What makes trials comparable: ASHA's stage counts, the held-out set, the metric and its mode
+# --------------------------------------------------------------------------------------------------
+def test_asha_refuses_trials_of_different_stage_counts():
+    """ASHA's rung at iteration 1 would hold a 1-stage trial's final metric and a 2-stage trial's first."""
+    search = {"partition_order": {"permutations": ["easy", "hard"]}, "num_stages": {"choice": [1, 2]}}
+    msg = error(search, searcher="grid")
+    assert "search.num_stages: trials have [1, 2] stages" in msg and "scheduler: {type: fifo}" in msg
+    assert max_stages(space(search, searcher="grid", **FIFO)) == 2
+    assert space(search | {"num_stages": 2}).scheduler.type == "asha"  # one stage count: ASHA is fine
+    assert "search.partition_order: trials have [1, 2] stages" in error(
+        {"partition_order": {"choice": [["hard"], ["easy", "hard"]]}})
+    assert "search.partitioning.num_parts" in error({"partitioning.num_parts": {"choice": [2, 3]}},
+                                                      job=BASE | {"partitioning": {"strategy": "random"}})
+
+
+def test_trials_ranked_on_a_held_out_metric_share_the_held_out_set():
+    """natural [hard] keeps easy's held-out pairs (easy is only left untrained); random [hard] would cut
+    data.sources to [hard], and its held-out set with it."""
+    search = {"partition_order": {"choice": [["easy", "hard"], ["hard"]]}, "split_strategy": {"choice": ["natural", "random"]}}
+    msg = error(search, searcher="grid", **FIFO)
+    assert "'partition_order': ['hard'], 'split_strategy': 'random'" in msg and "['easy'] would leave" in msg
+    assert "split_strategy natural" in msg
+    natural = space({"partition_order": {"choice": [["easy", "hard"], ["hard"]]}}, **FIFO)
+    for order in (["easy", "hard"], ["hard"]):
+        assert [x.name for x in trial_job(natural, {"partition_order": order}).data.sources] == ["easy", "hard"]
+    assert space(search, searcher="grid", metric="train/loss", **FIFO)  # a training metric: no held-out set
+    msg = error({"data.eval.fraction": {"choice": [0.05, 0.1]}})
+    assert "search.data.eval.fraction changes the held-out pairs" in msg
+    assert space({"data.max_rejected_fraction": {"choice": [0.05, 0.1]}})
+
+
+@pytest.mark.parametrize("top, named", [
+    ({"metric": "eval/reward_acc"}, ["metric: eval/reward_acc is not a metric trials report",
+                                     "'eval/reward_accuracy'", "'train/loss'", "eval/<source>/<m>"]),
+    ({"metric": "eval/medium/reward_accuracy"}, ["is not a metric trials report"]),  # no source medium
+    ({"metric": "gamma_ref/mean", "mode": "max", "set": {"reference.gamma": False}}, ["not a metric"]),
+    ({"set": {"data.eval.fraction": 0}}, ["eval/reward_accuracy is a held-out metric but data.eval.fraction is 0",
+                                          "NaN"]),
+    ({"metric": "eval/loss", "mode": "max"}, ["eval/loss is a loss: lower is better", "use mode: min"]),
+    ({"metric": "train/rewards/accuracies", "mode": "min"}, ["higher is better", "use mode: max"]),
+    ({"metric": "eval/logps_chosen"}, ["eval/logps_chosen has no natural direction; set mode: max or min"]),
+])
+def test_the_metric_is_one_the_trials_report(top, named):
+    msg = error({"loss.beta": {"choice": [0.1, 0.2]}}, **top)
+    for part in named:
+        assert part in msg, msg
+
+
+def test_an_eval_split_emptied_by_one_trial_is_refused():
+    msg = error({"data.eval.fraction": {"choice": [0.1, 0.0]}})
+    assert "the search point {'data.eval.fraction': 0.0} cannot run" in msg and "data.eval.fraction is 0" in msg
+    assert space({"data.eval.fraction": {"choice": [0.1, 0.0]}}, metric="train/loss")  # needs no held-out pairs
+
+
+def test_mode_follows_the_metric():
+    beta = {"loss.beta": {"choice": [0.1, 0.2]}}
+    assert space(beta).mode == "max"  # eval/reward_accuracy
+    for metric, mode in [("eval/loss", "min"), ("before/eval/hard/loss_vs_ref", "min"), ("train/loss", "min"),
+                         ("first_step_loss", "min"), ("eval/easy/ranking_accuracy", "max"),
+                         ("final/rewards/margins", "max"), ("eval/margin_vs_ref", "max")]:
+        assert space(beta, metric=metric).mode == mode, metric
+    assert space(beta, metric="eval/logps_chosen", mode="min").mode == "min"
+
+
+def test_reported_metrics():
+    names = reported_metrics(parse_job(BASE))
+    assert {"eval/reward_accuracy", "before/eval/loss", "eval/easy/margin", "eval/num_pairs", "train/loss",
+            "final/rewards/accuracies", "gamma_base/mean", "pairs_per_s"} <= set(names)
+    assert "cuda_max_allocated_mib" not in names
+    one = parse_job(BASE | {"data": {"sources": BASE["data"]["sources"][:1], "eval": {"fraction": 0}},
+                            "scaling": {"use_gpu": True}, "reference": {"gamma": False}})
+    names = reported_metrics(one)
+    assert "cuda_max_allocated_mib" in names and not [n for n in names if "eval/" in n or "gamma" in n]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,7 +467,7 @@ def test_check_space_names_an_invalid_combination():
 def test_a_large_space_is_checked_by_samples_and_every_schedule():
     search = {"data.sources.0.max_rows": {"choice": list(range(1, 30))}, "loss.beta": {"uniform": [0.05, 0.5]},
               "training.learning_rate": {"choice": [1e-4, 2e-4, 3e-4, 4e-4, 5e-4, 6e-4, 7e-4, 8e-4, 9e-4]}}
-    assert space(search)  # 29 * 2 * 9 = 522 corners: sampled
+    assert space(search, metric="train/loss")  # 29 * 2 * 9 = 522 corners: sampled
     msg = error(search | {"partition_order": {"choice": [["easy", "hard"], ["hard", "easy"]]},
                           "num_stages": {"choice": [2, 3]}})
     assert "num_stages=3" in msg
@@ -371,6 +483,54 @@ def test_trial_names_are_deterministic_and_name_the_job():
     assert trial_job(s, {"loss.beta": 0.2}, trial_id="driver 00001/x").name == "exp-driver_00001_x"
 
 
+def test_repeats_of_a_grid_are_distinct_trials_with_their_own_seeds():
+    """num_samples 2 of a grid: 4 trials, 4 ids and output folders; repeat k trains with seed + k."""
+    pytest.importorskip("ray.tune")
+    from ray.tune.search.variant_generator import generate_variants
+
+    s = space({"num_stages": {"choice": [1, 2]}}, job=BASE | {"seed": 7}, searcher="grid", num_samples=2, **FIFO)
+    assert tune_num_samples(s) == 1  # the param space enumerates the repeats itself
+    configs = [c for _, c in generate_variants(to_tune_param_space(s))]
+    assert sorted((c["sample"], c["num_stages"]) for c in configs) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    jobs = [trial_job(s, c) for c in configs]
+    assert len({trial_name(c) for c in configs}) == 4 and len({j.output_dir for j in jobs}) == 4
+    assert sorted((c["sample"], j.seed) for c, j in zip(configs, jobs, strict=True)) == [(0, 7), (0, 7), (1, 8), (1, 8)]
+    assert trial_name({"sample": 0, "num_stages": 1}) == trial_name({"num_stages": 1})  # repeat 0: a plain run's id
+    assert trial_name({"sample": 1, "num_stages": 1}) == trial_name({"num_stages": 1}) + "-1"
+    assert stage_count(s, configs[0]) == configs[0]["num_stages"]
+    best = parse_job(yaml.safe_load(best_job_yaml(s, {"sample": 1, "num_stages": 2})))
+    assert best.seed == 8  # the best repeat reruns with its own seed
+    searched = space({"seed": {"choice": [3, 4]}}, searcher="grid", num_samples=2)
+    assert trial_job(searched, {"seed": 3, "sample": 1}).seed == 3  # a searched seed is the trial's own
+
+
+def test_trial_count():
+    """What `sdpo tune` caps the concurrent trials at: a share for a trial that never runs is wasted."""
+    grid = {"partition_order": {"permutations": ["easy", "hard"]}, "loss.beta": {"choice": [0.1, 0.2, 0.3]},
+            "training.epochs": 1}
+    assert trial_count(space(grid, searcher="grid", num_samples=2)) == 2 * 2 * 3
+    assert trial_count(space(grid, num_samples=5)) == 5  # random: choice is sampled
+    assert trial_count(space(grid | {"loss.beta": {"grid": [0.1, 0.2]}}, num_samples=5)) == 10
+    assert trial_count(space(grid, searcher="optuna", num_samples=4)) == 4
+
+
+def test_random_and_optuna_samples_of_a_small_space_get_distinct_ids():
+    pytest.importorskip("ray.tune")
+    from ray.tune.search.variant_generator import generate_variants
+
+    search = {"loss.beta": {"choice": [0.1]}, "training.learning_rate": {"choice": [1e-3]}}
+    s = space(search, num_samples=3)
+    configs = [c for _, c in generate_variants(to_tune_param_space(s))]
+    assert len(configs) == 3 and len({trial_name(c) for c in configs}) == 3
+    assert {trial_job(s, c).seed for c in configs} == {0}  # random samples keep the job's seed
+    assert "sample" not in to_tune_param_space(space(search))  # num_samples 1: the configs are as before
+    opt = space(search, searcher="optuna", num_samples=3)
+    assert tune_num_samples(opt) == 3
+    trial = FakeOptunaTrial()
+    trial.number = 2
+    assert optuna_define_by_run(opt)(trial) == {"sample": 2}
+
+
 def test_trial_config_keys_are_checked():
     s = space({"loss.beta": {"choice": [0.1, 0.2]}, "training.epochs": 2})
     with pytest.raises(ConfigError, match=r"\['loss\.betta'\] are not search keys"):
@@ -382,7 +542,7 @@ def test_trial_config_keys_are_checked():
 
 def test_trial_job_does_not_touch_the_space():
     s = space({"partition_order": {"permutations": ["easy", "hard"]}, "num_stages": {"choice": [1, 2]},
-               "stages.0.beta": 0.3})
+               "stages.0.beta": 0.3}, **FIFO)
     before = copy.deepcopy(s.base_job)
     trial_job(s, {"partition_order": ["hard", "easy"], "num_stages": 1})
     assert s.base_job == before and s.search["partition_order"].values == ["easy", "hard"]
@@ -409,7 +569,7 @@ def test_best_job_yaml_round_trips():
 # --------------------------------------------------------------------------------------------------
 def test_grid_points_are_the_cartesian_product():
     s = space({"partition_order": {"permutations": ["easy", "hard"]}, "num_stages": {"grid": [1, 2]},
-               "loss.type": {"choice": ["sigmoid", "ipo"]}, "training.epochs": 1}, searcher="grid")
+               "loss.type": {"choice": ["sigmoid", "ipo"]}, "training.epochs": 1}, searcher="grid", **FIFO)
     points = grid_points(s)
     assert len(points) == 2 * 2 * 2
     assert {"partition_order": ["hard", "easy"], "num_stages": 1, "loss.type": "ipo", "training.epochs": 1} in points
@@ -488,80 +648,149 @@ def test_optuna_define_by_run_encodes_orders_and_decodes_them():
 # --------------------------------------------------------------------------------------------------
 # Resources of concurrent trials
 # --------------------------------------------------------------------------------------------------
-def assert_fits(plan, cluster, **kw):
-    """The shares add up to at most the cluster, and the per-trial plans accept a share."""
+def assert_fits(plan, cluster, *needs):
+    """The shares add up to at most the cluster, and every trial's own plans (`sdpo run`'s) accept a share."""
     for key, total in cluster.items():
         used = plan.trial_cluster.get(key, 0.0) + (plan.driver_cpus if key == "CPU" else 0.0)
         assert plan.concurrent * used <= total + 1e-9, (key, plan)
-    plan_resources(plan.trial_cluster, **kw)
-    plan_scoring(plan.trial_cluster, use_gpu=kw["use_gpu"], data_cpus=kw["data_cpus"])
+    for n in needs:
+        plan_resources(plan.trial_cluster, num_workers=n.num_workers, use_gpu=n.use_gpu, data_cpus=n.data_cpus,
+                       resources_per_worker=n.resources_per_worker)
+        plan_scoring(plan.trial_cluster, use_gpu=n.use_gpu, data_cpus=n.data_cpus, num_actors=n.num_actors,
+                     num_gpus_per_actor=n.num_gpus_per_actor, num_cpus_per_actor=n.num_cpus_per_actor)
+
+
+CPU1 = TrialNeeds(num_workers=1, use_gpu=False, data_cpus=1.0)
 
 
 def test_four_cpus_one_worker_runs_one_trial_at_a_time():
-    """0.1 driver + 1 worker + 1 inference actor + 1 for Ray Data = 3.1 CPUs: two trials would need 6.2."""
-    kw = {"num_workers": 1, "use_gpu": False, "data_cpus": 1.0}
-    plan = plan_trials({"CPU": 4.0}, **kw)
+    """0.1 driver + the larger of (1 worker + 1 for Ray Data) and (1 inference actor + 1 for Ray Data):
+    2.1 CPUs; two trials would need 4.2."""
+    plan = plan_trials({"CPU": 4.0}, CPU1)
     assert plan.concurrent == 1 and plan.trial_cluster == {"CPU": 3.9} and plan.driver_cpus == DRIVER_CPUS
-    assert plan.per_trial == {"CPU": 3.1}
-    assert_fits(plan, {"CPU": 4.0}, **kw)
-    assert plan_resources(plan.trial_cluster, **kw).per_worker == {"CPU": 1.0}
+    assert plan.per_trial == {"CPU": 2.1}
+    assert_fits(plan, {"CPU": 4.0}, CPU1)
+    assert plan_resources(plan.trial_cluster, num_workers=1, use_gpu=False, data_cpus=1.0).per_worker == {"CPU": 1.0}
 
 
 def test_sixteen_cpus():
-    kw = {"num_workers": 1, "use_gpu": False, "data_cpus": 1.0}
-    plan = plan_trials({"CPU": 16.0}, **kw)
-    assert plan.concurrent == 5 and plan.trial_cluster == {"CPU": 3.1}
-    assert_fits(plan, {"CPU": 16.0}, **kw)
-    two = plan_trials({"CPU": 16.0}, num_workers=2, use_gpu=False, data_cpus=1.0, cpus_per_worker=2.0)
-    assert two.concurrent == 2 and two.per_trial == {"CPU": 6.1}  # 0.1 + 2 x 2 + 1 + 1
+    plan = plan_trials({"CPU": 16.0}, CPU1)
+    assert plan.concurrent == 7 and plan.trial_cluster == {"CPU": 2.18}
+    assert_fits(plan, {"CPU": 16.0}, CPU1)
+    two = TrialNeeds(num_workers=2, use_gpu=False, data_cpus=1.0, resources_per_worker={"CPU": 2.0})
+    plan = plan_trials({"CPU": 16.0}, two)
+    assert plan.concurrent == 3 and plan.per_trial == {"CPU": 5.1}  # 0.1 + 2 x 2 + 1
+    assert_fits(plan, {"CPU": 16.0}, two)
+
+
+def test_resources_per_worker_size_the_trials():
+    """4 CPUs a worker: 0.1 + 2 x 4 + 1 = 9.1 CPUs a trial, 3 on 32 CPUs (not 7 trials that then all fail
+    in plan_resources, as when the planner assumed 1 CPU a worker)."""
+    needs = TrialNeeds(num_workers=2, use_gpu=False, data_cpus=1.0, resources_per_worker={"CPU": 4.0})
+    plan = plan_trials({"CPU": 32.0}, needs)
+    assert plan.concurrent == 3 and plan.per_trial == {"CPU": 9.1}
+    assert_fits(plan, {"CPU": 32.0}, needs)
+    with pytest.raises(PlanError, match=r"a trial needs 9\.1 CPUs .*2 worker\(s\)"):
+        plan_trials({"CPU": 8.0}, needs)
 
 
 def test_eight_gpus_two_workers_per_trial():
-    """2 workers + 1 inference actor = 3 GPUs a trial: 2 trials on 8 GPUs (2 GPUs idle)."""
+    """2 workers (2 GPUs) while a stage trains, the inference actors (as many as the share's GPUs) between
+    stages: 2 GPUs a trial, 4 trials on 8 GPUs."""
     cluster = {"CPU": 32.0, "GPU": 8.0}
-    kw = {"num_workers": 2, "use_gpu": True, "data_cpus": 1.0}
-    plan = plan_trials(cluster, **kw)
-    assert plan.concurrent == 2 and plan.trial_cluster == {"CPU": 15.9, "GPU": 3.0}
-    assert plan.per_trial == {"CPU": 4.1, "GPU": 3.0}
-    assert_fits(plan, cluster, **kw)
-    assert plan_trials(cluster, inference_gpus=0, **kw).concurrent == 4  # the actor reuses the workers' GPUs
+    needs = TrialNeeds(num_workers=2, use_gpu=True, data_cpus=1.0)
+    plan = plan_trials(cluster, needs)
+    assert plan.concurrent == 4 and plan.trial_cluster == {"CPU": 7.9, "GPU": 2.0}
+    assert plan.per_trial == {"CPU": 3.1, "GPU": 2.0}
+    assert_fits(plan, cluster, needs)
+    four_actors = TrialNeeds(num_workers=2, use_gpu=True, data_cpus=1.0, num_actors=4)
+    assert plan_trials(cluster, four_actors).concurrent == 2  # 4 inference actors x 1 GPU
+    assert plan_trials(cluster, four_actors).trial_cluster["GPU"] == 4.0
+
+
+def test_a_one_gpu_machine_runs_what_sdpo_run_runs():
+    """1 worker on 1 GPU, the inference actor on that GPU between stages (or on none): `sdpo run` plans
+    the two in turn, so must the trial planner."""
+    cluster = {"CPU": 16.0, "GPU": 1.0}
+    for needs in (TrialNeeds(1, True), TrialNeeds(1, True, num_gpus_per_actor=0), TrialNeeds(1, True, num_gpus_per_actor=0.5)):
+        plan_resources(cluster, num_workers=1, use_gpu=True, data_cpus=1.0)  # what `sdpo run` accepts
+        plan_scoring(cluster, use_gpu=True, data_cpus=1.0, num_gpus_per_actor=needs.num_gpus_per_actor)
+        plan = plan_trials(cluster, needs)
+        assert plan.concurrent == 1 and plan.trial_cluster["GPU"] == 1.0
+        assert_fits(plan, cluster, needs)
+
+
+def test_the_most_demanding_trial_sizes_the_share():
+    """A space searching scaling.num_workers: every trial gets the share of the largest."""
+    small, large = TrialNeeds(1, False), TrialNeeds(3, False)
+    plan = plan_trials({"CPU": 16.0}, [small, large])
+    assert plan.per_trial == {"CPU": 4.1} and plan.concurrent == 3
+    assert_fits(plan, {"CPU": 16.0}, small, large)
+    gpus = [TrialNeeds(1, True), TrialNeeds(2, True)]
+    assert plan_trials({"CPU": 32.0, "GPU": 8.0}, gpus).trial_cluster["GPU"] == 2.0
+    with pytest.raises(PlanError, match=r"a trial needs 2 GPUs \(2 for 2 worker\(s\)"):
+        plan_trials({"CPU": 32.0, "GPU": 1.0}, gpus)
+
+
+def test_resource_jobs_cover_the_searched_scaling_and_reference_keys():
+    s = space({"loss.beta": {"choice": [0.1, 0.2]}}, set={"scaling.resources_per_worker": {"CPU": 4}})
+    assert [TrialNeeds.of(j) for j in resource_jobs(s)] == [TrialNeeds(1, False, 1.0, {"CPU": 4.0})]
+    s = space({"scaling.num_workers": {"choice": [1, 3]}, "reference.num_actors": {"randint": [1, 3]}})
+    needs = {(n.num_workers, n.num_actors) for n in map(TrialNeeds.of, resource_jobs(s))}
+    assert needs == {(1, 1), (1, 2), (3, 1), (3, 2)}
+
+
+def test_an_autoscaling_cluster_is_planned_for_what_the_trials_ask():
+    """scaling.autoscale: a head-only cluster (CPU 0) grows to max_concurrent_trials (default 1) trials."""
+    needs = TrialNeeds(num_workers=4, use_gpu=True, data_cpus=1.0)
+    with pytest.raises(PlanError, match="a trial needs"):
+        plan_trials({"CPU": 0.0}, needs)
+    view = autoscaled_trials({"CPU": 0.0}, needs)
+    assert view == {"CPU": 5.1, "GPU": 4.0}
+    plan = plan_trials(view, needs)
+    assert plan.concurrent == 1 and plan.trial_cluster == {"CPU": 5.0, "GPU": 4.0}
+    assert_fits(plan, view, needs)
+    wide = autoscaled_trials({"CPU": 8.0, "GPU": 0.0}, [needs], max_concurrent=3)
+    assert wide == pytest.approx({"CPU": 15.3, "GPU": 12.0}) and plan_trials(wide, needs, max_concurrent=3).concurrent == 3
 
 
 def test_gpu_trials_are_also_limited_by_cpus():
-    plan = plan_trials({"CPU": 8.0, "GPU": 8.0}, num_workers=2, use_gpu=True, data_cpus=1.0)
-    assert plan.concurrent == 1  # 4.1 CPUs a trial
-    assert_fits(plan, {"CPU": 8.0, "GPU": 8.0}, num_workers=2, use_gpu=True, data_cpus=1.0)
+    needs = TrialNeeds(num_workers=2, use_gpu=True, data_cpus=1.0, resources_per_worker={"CPU": 2.0})
+    plan = plan_trials({"CPU": 8.0, "GPU": 8.0}, needs)
+    assert plan.concurrent == 1  # 5.1 CPUs a trial
+    assert_fits(plan, {"CPU": 8.0, "GPU": 8.0}, needs)
 
 
 def test_an_infeasible_trial_is_refused_up_front():
-    with pytest.raises(PlanError, match=re.escape("a trial needs 3 GPUs (2 workers + 1 for the inference actor); "
-                                                  "the cluster has 1")):
-        plan_trials({"CPU": 16.0, "GPU": 1.0}, num_workers=2, use_gpu=True, data_cpus=1.0)
-    with pytest.raises(PlanError, match=re.escape("a trial needs 2 GPUs (2 workers); the cluster has 1")):
-        plan_trials({"CPU": 16.0, "GPU": 1.0}, num_workers=2, use_gpu=True, data_cpus=1.0, inference_gpus=0)
-    with pytest.raises(PlanError, match=r"a trial needs 3\.1 CPUs .*the cluster has 2\b.*num_cpus"):
-        plan_trials({"CPU": 2.0}, num_workers=1, use_gpu=False, data_cpus=1.0)
+    with pytest.raises(PlanError, match=re.escape("a trial needs 2 GPUs (2 for 2 worker(s) while a stage trains, "
+                                                  "1 for the inference actor(s)); the cluster has 1")):
+        plan_trials({"CPU": 16.0, "GPU": 1.0}, TrialNeeds(2, True))
+    with pytest.raises(PlanError, match=re.escape("a trial needs 3 GPUs (1 for 1 worker(s) while a stage trains, "
+                                                  "3 for the inference actor(s))")):
+        plan_trials({"CPU": 16.0, "GPU": 1.0}, TrialNeeds(1, True, num_actors=3))
+    with pytest.raises(PlanError, match=r"a trial needs 2\.1 CPUs .*the cluster has 2\b.*num_cpus"):
+        plan_trials({"CPU": 2.0}, CPU1)
     with pytest.raises(PlanError, match="at least 1"):
-        plan_trials({"CPU": 4.0}, num_workers=1, use_gpu=False, data_cpus=1.0, max_concurrent=0)
+        plan_trials({"CPU": 4.0}, CPU1, max_concurrent=0)
 
 
 def test_max_concurrent_caps_and_widens_the_share():
-    plan = plan_trials({"CPU": 16.0}, num_workers=1, use_gpu=False, data_cpus=1.0, max_concurrent=2)
+    plan = plan_trials({"CPU": 16.0}, CPU1, max_concurrent=2)
     assert plan.concurrent == 2 and plan.trial_cluster == {"CPU": 7.9}
-    assert plan_trials({"CPU": 16.0}, num_workers=1, use_gpu=False, data_cpus=1.0, max_concurrent=99).concurrent == 5
+    assert plan_trials({"CPU": 16.0}, CPU1, max_concurrent=99).concurrent == 7
 
 
-@pytest.mark.parametrize("cpus, workers, data, per", itertools.product([3.1, 4, 6, 7.5, 16, 64], [1, 2, 3],
-                                                                       [0.5, 1.0, 2.0], [None, 0.5]))
-def test_every_feasible_cpu_plan_fits(cpus, workers, data, per):
-    kw = {"num_workers": workers, "use_gpu": False, "data_cpus": data}
+@pytest.mark.parametrize("cpus, workers, data, per, actor", itertools.product(
+    [2.1, 4, 6, 7.5, 16, 64], [1, 2, 3], [0.5, 1.0, 2.0], [None, {"CPU": 0.5}, {"CPU": 3.0}], [None, 2.0]))
+def test_every_feasible_cpu_plan_fits(cpus, workers, data, per, actor):
+    needs = TrialNeeds(workers, False, data, per, num_cpus_per_actor=actor)
     try:
-        plan = plan_trials({"CPU": float(cpus)}, cpus_per_worker=per, **kw)
+        plan = plan_trials({"CPU": float(cpus)}, needs)
     except PlanError as err:
         assert "a trial needs" in str(err) or "does not run" in str(err)
         return
     assert plan.concurrent >= 1
-    assert_fits(plan, {"CPU": float(cpus)}, **kw)
+    assert_fits(plan, {"CPU": float(cpus)}, needs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The job travels as a Ray runtime environment: the working directory (the project or wherever the
 job file lives, build outputs and local runs left out) and the `sdpo` package itself, so the cluster
 runs the submitter's code. Everything that can be checked here is, before anything is uploaded: the
-job file parses with its overrides, it sits inside the working directory, and its output is a place
+job file (a Tune space's base job too) parses with its overrides, it and its relative data paths sit
+inside the working directory, and its output is a place
 the cluster can write and the submitter can read back (object storage, or an absolute path on
 shared storage) — not a relative path that would land in the job's temporary working copy.
 
@@ -13,6 +14,7 @@ Building the submission (`build_submission`) is pure; the client calls are thin 
 
 from __future__ import annotations
 
+import glob
 import os
 import shlex
 import sys
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sdpo import storage
-from sdpo.config import ConfigError, load_job
+from sdpo.config import ConfigError, JobConfig, load_job, load_yaml, parse_job
 
 # Not shipped with a job: environments, VCS data, caches, local runs and model weights (jobs read
 # models from the hub or object storage; Ray caps a working directory at 100 MiB anyway).
@@ -39,14 +41,32 @@ class Submission:
     output: str | None  # where the run writes (None for a Tune search: its space decides)
 
 
-def _inside(path: Path, root: Path) -> str:
+def _inside(path: Path, root: Path, what: str = "the job file") -> str:
     try:
         return path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
         raise ConfigError(
-            f"{path} is outside the working directory {root}: the job file travels with the working "
+            f"{path} is outside the working directory {root}: {what} travels with the working "
             "directory, so run `sdpo submit` from a directory that contains it, or pass --working-dir"
         ) from None
+
+
+def check_data_paths(job: JobConfig, root: Path, origin: str) -> None:
+    """On the cluster a relative data path is read from the job's copy of the working directory (its
+    cwd): it must lie inside the working directory and match a file there. Absolute paths (shared
+    storage), URLs and built-in assets are the cluster's own business."""
+    for src in job.data.sources:
+        for pattern in src.paths:
+            if not storage.is_local(pattern) or os.path.isabs(pattern) or pattern.startswith("builtin:"):
+                continue
+            what = f"{origin}: data.sources[{src.name}].path {pattern!r}"
+            if not os.path.normpath(root.resolve() / pattern).startswith(str(root.resolve()) + os.sep):
+                raise ConfigError(f"{what} is outside the working directory {root}, where the cluster reads a relative "
+                                  "path (its copy of the working directory is its cwd); move the data inside it, "
+                                  "pass --working-dir, or use s3://")
+            if not glob.glob(str(root / pattern), recursive=True):
+                raise ConfigError(f"{what} matches no file in the working directory {root}, where the cluster "
+                                  "reads a relative path; give it relative to the working directory, or use s3://")
 
 
 def check_output(output: str) -> None:
@@ -73,7 +93,11 @@ def build_submission(target: str, *, tune: bool = False, overrides: list[str] = 
 
         if overrides:
             raise ConfigError("--set applies to job files; put search settings in the space file")
-        load_space(str(path))  # every point of the space validated here, not on the cluster
+        space = load_space(str(path))  # every point of the space validated here, not on the cluster
+        base = load_yaml(path.read_text()).get("job")
+        if isinstance(base, str):  # read on the cluster relative to the space file, in the working copy
+            _inside(path.parent / base, root, f"{target}'s base job (job: {base})")
+        check_data_paths(parse_job(space.base_job, origin=target), root, f"{target}'s base job")
         if not output:
             raise ConfigError("sdpo submit --tune needs --output (s3://bucket/experiment): the space's default "
                               "output is a relative path, which would vanish with the job's working copy")
@@ -81,6 +105,7 @@ def build_submission(target: str, *, tune: bool = False, overrides: list[str] = 
         args, out = ["tune", rel, "--output", output], output
     else:
         job = load_job(str(path), list(overrides))
+        check_data_paths(job, root, target)
         out = output or job.output_dir
         check_output(out)
         args = ["run", rel, "--output", out]

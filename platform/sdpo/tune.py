@@ -107,8 +107,8 @@ def run_tune(space_file: str, *, output: str | None = None, address: str | None 
 
     from sdpo.pipeline import init_ray, local_ray_options
     from sdpo.plan import PlanError
-    from sdpo.tune_results import plan_trials
-    from sdpo.tuning import load_space
+    from sdpo.tune_results import TrialNeeds, autoscaled_trials, plan_trials
+    from sdpo.tuning import load_space, resource_jobs, trial_count, tune_num_samples
 
     space = load_space(space_file)  # every point checked: an impossible schedule fails here
     base = parse_job(space.base_job, origin=space_file)
@@ -121,10 +121,16 @@ def run_tune(space_file: str, *, output: str | None = None, address: str | None 
         cpus = max(4, os.cpu_count() or 1)
         ray.init(num_cpus=cpus, log_to_driver=True, **local_ray_options(cpus))
     init_ray(address)
-    s = base.scaling
+    # The trials plan their stages and passes as `sdpo run` does (their scaling and reference settings;
+    # the most demanding where the space searches them) and, with scaling.autoscale, for the nodes the
+    # autoscaler adds rather than those up now (a head-only cluster offers no CPU for work).
+    needs = list({repr(n): n for n in map(TrialNeeds.of, resource_jobs(space))}.values())
+    cluster = ray.cluster_resources()
+    if base.scaling.autoscale:
+        cluster = autoscaled_trials(cluster, needs, space.max_concurrent_trials)
+    most = min(space.max_concurrent_trials or math.inf, trial_count(space))  # no share kept for trials never run
     try:
-        plan = plan_trials(ray.cluster_resources(), num_workers=s.num_workers, use_gpu=s.use_gpu,
-                           data_cpus=s.data_cpus, max_concurrent=space.max_concurrent_trials)
+        plan = plan_trials(cluster, needs, max_concurrent=int(most))
     except PlanError as err:
         raise ConfigError(f"{space_file}: {err}") from None
     log(f"tune {space.name}: {space.searcher} search over {list(space.search)}, metric {space.metric} ({space.mode}); "
@@ -138,7 +144,7 @@ def run_tune(space_file: str, *, output: str | None = None, address: str | None 
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg,
-                                    scheduler=_scheduler(space, tune), num_samples=space.num_samples),
+                                    scheduler=_scheduler(space, tune), num_samples=tune_num_samples(space)),
         run_config=tune.RunConfig(name=space.name, storage_path=storage.join(out, "tune"), verbose=1),
     )
     if os.environ.get("SDPO_SHIPPED"):

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,65 +37,121 @@ DRIVER_CPUS = 0.1  # the trial driver: a Tune function actor that only starts st
 
 
 @dataclass(frozen=True)
+class TrialNeeds:
+    """What one trial's job asks of the cluster: its `scaling` and `reference` settings, which a trial
+    plans as `sdpo run` does (`plan.plan_resources` for a stage's workers, `plan.plan_scoring` for the
+    inference passes' actors)."""
+
+    num_workers: int
+    use_gpu: bool
+    data_cpus: float = 1.0
+    resources_per_worker: dict[str, float] | None = None
+    num_actors: int | None = None
+    num_gpus_per_actor: float | None = None
+    num_cpus_per_actor: float | None = None
+
+    @classmethod
+    def of(cls, job: JobConfig) -> TrialNeeds:
+        s, r = job.scaling, job.reference
+        return cls(s.num_workers, s.use_gpu, s.data_cpus, dict(s.resources_per_worker or {}) or None,
+                   r.num_actors, r.num_gpus_per_actor, r.num_cpus_per_actor)
+
+    def training(self) -> tuple[float, float]:
+        """(CPUs, GPUs) while a stage trains: its workers (1 CPU each unless resources_per_worker says,
+        1 GPU each with use_gpu) and the CPUs kept for Ray Data."""
+        per = dict(self.resources_per_worker) if self.resources_per_worker is not None else {"CPU": 1.0}
+        if self.use_gpu:
+            per.setdefault("GPU", 1.0)
+        return per.get("CPU", 0.0) * self.num_workers + self.data_cpus, per.get("GPU", 0.0) * self.num_workers
+
+    def inference(self) -> tuple[float, float]:
+        """(CPUs, GPUs) while an inference pass runs: its actors (num_actors, at least one; 1 CPU each unless
+        num_cpus_per_actor says) and at least 1 CPU for Ray Data, as `plan_scoring` keeps."""
+        gpu_each = self.num_gpus_per_actor if self.num_gpus_per_actor is not None else float(self.use_gpu)
+        actors = self.num_actors or 1
+        return actors * (self.num_cpus_per_actor or 1.0) + max(self.data_cpus, 1.0), actors * gpu_each
+
+    def peak(self) -> dict[str, float]:
+        """The most a trial holds at once, driver included: its stages and inference passes take turns."""
+        (train_cpu, train_gpu), (infer_cpu, infer_gpu) = self.training(), self.inference()
+        gpus = max(train_gpu, infer_gpu)
+        return {"CPU": DRIVER_CPUS + max(train_cpu, infer_cpu)} | ({"GPU": gpus} if gpus > 0 else {})
+
+    def check(self, share: dict[str, float]) -> None:
+        """Raise PlanError unless a trial's own plans (`sdpo run`'s) accept `share`."""
+        plan_resources(share, num_workers=self.num_workers, use_gpu=self.use_gpu, data_cpus=self.data_cpus,
+                       resources_per_worker=self.resources_per_worker)
+        plan_scoring(share, use_gpu=self.use_gpu, data_cpus=self.data_cpus, num_actors=self.num_actors,
+                     num_gpus_per_actor=self.num_gpus_per_actor, num_cpus_per_actor=self.num_cpus_per_actor)
+
+    def describe(self, key: str) -> str:
+        (train_cpu, train_gpu), (infer_cpu, infer_gpu) = self.training(), self.inference()
+        if key == "GPU":
+            return f"{train_gpu:g} for {self.num_workers} worker(s) while a stage trains, {infer_gpu:g} for the inference actor(s)"
+        return (f"{DRIVER_CPUS:g} trial driver + the larger of {train_cpu:g} while a stage trains ({self.num_workers} "
+                f"worker(s) and {self.data_cpus:g} kept for Ray Data) and {infer_cpu:g} while an inference pass runs")
+
+
+@dataclass(frozen=True)
 class TrialPlan:
     concurrent: int
     trial_cluster: dict[str, float]  # one trial's share, less its driver: give it to plan_resources/plan_scoring
     driver_cpus: float  # tune.with_resources(driver, {"CPU": driver_cpus})
-    per_trial: dict[str, float]  # the least one trial needs, driver included
+    per_trial: dict[str, float]  # the most one trial holds at once, driver included
 
 
-def plan_trials(
-    cluster: dict[str, float],
-    *,
-    num_workers: int,
-    use_gpu: bool,
-    data_cpus: float,
-    cpus_per_worker: float | None = None,
-    max_concurrent: int | None = None,
-    inference_cpus: float = 1.0,
-    inference_gpus: float = 1.0,
-) -> TrialPlan:
+def _most(needs: list[TrialNeeds]) -> dict[str, float]:
+    peaks = [n.peak() for n in needs]
+    return {k: max(p.get(k, 0.0) for p in peaks) for k in ("CPU", "GPU") if any(k in p for p in peaks)}
+
+
+def autoscaled_trials(cluster: dict[str, float], needs: TrialNeeds | Sequence[TrialNeeds],
+                      max_concurrent: int | None = None) -> dict[str, float]:
+    """The cluster as the autoscaler will make it for the search (scaling.autoscale), as `plan.autoscaled_view`
+    is for one run: what is up now, raised to what max_concurrent_trials trials (default 1) hold at once."""
+    most = _most([needs] if isinstance(needs, TrialNeeds) else list(needs))
+    view = dict(cluster)
+    for key, each in most.items():
+        view[key] = max(view.get(key, 0.0), each * (max_concurrent or 1))
+    return view
+
+
+def plan_trials(cluster: dict[str, float], needs: TrialNeeds | Sequence[TrialNeeds], *,
+                max_concurrent: int | None = None) -> TrialPlan:
     """How many trials run at once, and the share of the cluster each may assume.
 
-    A trial needs its driver (DRIVER_CPUS), its training workers (cpus_per_worker CPUs each, default 1,
-    plus 1 GPU each with use_gpu), its inference actor (inference_cpus, plus inference_gpus with use_gpu)
-    and `data_cpus` kept free for Ray Data. The inference passes run between stages, so counting the
-    actor beside the workers is conservative; it keeps each trial inside its share whatever phase it is
-    in, and whatever the other trials do (inference_gpus=0 lets it reuse the workers' GPUs). CPUs are
-    shared out evenly (the spare ones speed the CPU inference pass); GPUs are exactly what a trial needs.
+    A trial holds its driver (DRIVER_CPUS) throughout and, in turn, a stage's workers (with the CPUs kept
+    for Ray Data) or an inference pass's actors (`TrialNeeds.peak`): as in `sdpo run`, the passes run
+    between stages, never beside them. Every trial gets the same share, sized for the most demanding of
+    `needs` (one per distinct scaling/reference setting the space searches): CPUs shared out evenly (the
+    spare ones speed the CPU inference pass), GPUs exactly what that trial needs. The share is then
+    checked with the trials' own plans, so a trial never fails (or waits forever) later for its share.
     """
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    per_cpu = 1.0 if cpus_per_worker is None else cpus_per_worker
-    need_cpu = DRIVER_CPUS + num_workers * per_cpu + inference_cpus + data_cpus
+    needs = [needs] if isinstance(needs, TrialNeeds) else list(needs)
     if max_concurrent is not None and max_concurrent < 1:
         raise PlanError(f"max_concurrent_trials must be at least 1, got {max_concurrent}")
-    need_gpu = num_workers + inference_gpus if use_gpu else 0.0
-    if need_gpu > gpus + 1e-9:
-        why = f"{num_workers} workers" + (f" + {inference_gpus:g} for the inference actor" if inference_gpus else "")
-        raise PlanError(f"a trial needs {need_gpu:g} GPUs ({why}); the cluster has {gpus:g}; lower "
-                        "scaling.num_workers or set scaling.use_gpu=false")
-    if need_cpu > cpus + 1e-9:
-        raise PlanError(
-            f"a trial needs {need_cpu:g} CPUs ({DRIVER_CPUS:g} trial driver + {num_workers} workers x {per_cpu:g} + "
-            f"{inference_cpus:g} inference actor + {data_cpus:g} kept for Ray Data); the cluster has {cpus:g}; "
-            "lower scaling.num_workers or scaling.data_cpus, or give Ray more logical CPUs (ray.init(num_cpus=...))")
-    fits = int((cpus + 1e-9) // need_cpu)
-    if use_gpu:
-        fits = min(fits, int((gpus + 1e-9) // need_gpu))
-    per_worker = None if cpus_per_worker is None else {"CPU": per_cpu} | ({"GPU": 1.0} if use_gpu else {})
+    most = _most(needs)
+    for key, need in most.items():
+        have = cluster.get(key, 0.0)
+        if need > have + 1e-9:
+            worst = max(needs, key=lambda n: n.peak().get(key, 0.0))
+            fix = ("lower scaling.num_workers or reference.num_actors/num_gpus_per_actor, or set scaling.use_gpu=false"
+                   if key == "GPU" else "lower scaling.num_workers, scaling.resources_per_worker.CPU or scaling.data_cpus, "
+                   "or give Ray more logical CPUs (ray.init(num_cpus=...))")
+            raise PlanError(f"a trial needs {need:g} {key}s ({worst.describe(key)}); the cluster has {have:g}; {fix}")
+    fits = min(int((cluster.get(k, 0.0) + 1e-9) // need) for k, need in most.items())
     for concurrent in range(min(fits, max_concurrent or fits), 0, -1):
-        share = {"CPU": math.floor((cpus / concurrent - DRIVER_CPUS) * 100 + 1e-6) / 100}
-        if use_gpu:
-            share["GPU"] = need_gpu
+        share = {"CPU": math.floor((cluster.get("CPU", 0.0) / concurrent - DRIVER_CPUS) * 100 + 1e-6) / 100}
+        if "GPU" in most:
+            share["GPU"] = most["GPU"]
         try:  # the per-trial plans must accept the share, or the trial would fail (or wait forever) later
-            plan_resources(share, num_workers=num_workers, use_gpu=use_gpu, data_cpus=data_cpus,
-                           resources_per_worker=per_worker)
-            plan_scoring(share, use_gpu=use_gpu, data_cpus=data_cpus)
+            for n in needs:
+                n.check(share)
         except PlanError as err:
             if concurrent == 1:
                 raise PlanError(f"one trial's share of the cluster {share} does not run: {err}") from None
             continue
-        return TrialPlan(concurrent, share, DRIVER_CPUS, {"CPU": need_cpu} | ({"GPU": need_gpu} if use_gpu else {}))
+        return TrialPlan(concurrent, share, DRIVER_CPUS, most)
     raise AssertionError("unreachable: the loop returns or raises at concurrent == 1")
 
 

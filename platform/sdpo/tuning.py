@@ -11,8 +11,15 @@ scalar/list (fixed). Keys are dotted paths into the job (`loss.beta`, `stages.1.
 
 Everything is checked when the file loads: each search key is applied to the base job and validated
 (a typo such as `loss.betta` fails, naming the key), then every combination of the dimensions' values
-(their ends for ranges; 50 seeded samples of a large space) is turned into a job, so an impossible
-schedule fails before any compute.
+(their ends for ranges, every value of a schedule key's randint; 50 seeded samples of a large space) is
+turned into a job, so an impossible schedule fails before any compute. Across the trials, the load also
+checks what makes them comparable: the metric is one every trial reports (`reported_metrics`), trials
+ranked on a held-out metric share one held-out set, and ASHA only compares trials of one stage count.
+
+Repeats: with num_samples > 1 every trial's config carries `sample` (its index; searcher grid: which
+repeat of the grid), which names the trial apart from its repeats. A grid's repeat k trains with the
+job's seed + k (unless `seed` is searched), so repeats measure seed variance; random and optuna samples
+keep the job's seed.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sdpo import storage
-from sdpo.config import ConfigError, JobConfig, SplitStrategy, parse_job
+from sdpo.config import ConfigError, JobConfig, SplitStrategy, load_yaml, parse_job
 
 PARTITION_ORDER, NUM_STAGES, SPLIT_STRATEGY = "partition_order", "num_stages", "split_strategy"
 LEARNABILITY_TOP = "learnability_top"  # split_strategy value: the base job's split after a learnability selection
@@ -46,6 +53,11 @@ SCHEDULE_FORMS = {PARTITION_ORDER: ("choice", "grid", "permutations", "fixed"),
 STAGE_KEY = re.compile(r"stages\.(\d+)\.(.+)")
 MAX_PERMUTED = 7  # 5,040 orders
 CHECK, CHECK_ALL, CHECK_SAMPLES = "check", 512, 50  # spaces up to 512 points are checked whole, larger ones by samples
+SAMPLE = "sample"  # a trial config's sample index (num_samples > 1): names repeats apart; a grid's repeat seeds
+# What a trial reports after each stage besides train/*, final/*, eval/* and gamma: the worker's stage
+# summary (`worker._stage_summary` and what `worker.run_stage` adds) and the driver's wall time.
+STAGE_SUMMARY = ("steps", "train_seconds", "first_step_loss", "pairs_per_s", "tokens_per_s", "pairs_trained",
+                 "peak_rss_mib", "data_startup_s", "data_wait_s", "data_wait_fraction", "wall_seconds")
 
 
 class _Strict(BaseModel):
@@ -112,6 +124,14 @@ class Dimension(_Strict):
         return [lo, hi - 1] if self.form == "randint" else [lo, hi]
 
 
+def _checked(key: str, dim: Dimension) -> list:
+    """The values of `key` the load-time check tries: a schedule key's randint (num_stages) whole, since
+    one value in the middle of a range may not fit the sources where both ends do; else the corners."""
+    if key in SCHEDULE_KEYS and dim.form == "randint":
+        return list(range(*dim.values))
+    return dim.corners()
+
+
 class SchedulerConfig(_Strict):
     type: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, gt=0, description="asha: stages every trial runs before it may be stopped.")
@@ -133,8 +153,9 @@ class TuneSpace(_Strict):
     searcher: Literal["random", "grid", "optuna"] = "random"
     scheduler: SchedulerConfig = SchedulerConfig()
     num_samples: int = Field(1, gt=0, description="random/optuna: trials; grid: repeats of the whole grid.")
-    metric: str = Field("eval/reward_accuracy", min_length=1)
-    mode: Literal["max", "min"] = "max"
+    metric: str = Field("eval/reward_accuracy", min_length=1, description="One a trial reports (`reported_metrics`).")
+    mode: Literal["max", "min"] | None = Field(None, description="Default: min for a loss, max for an accuracy or "
+                                               "margin (other metrics need it); the other way round is refused.")
     max_concurrent_trials: int | None = Field(None, gt=0, description="Default: what the cluster fits.")
     seed: int = 0
 
@@ -193,7 +214,7 @@ def _read_job(value: Any, origin: str, base_dir: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{origin}: job: {path} does not exist (a path is relative to the space file)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{origin}: job: {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -217,15 +238,115 @@ def parse_space(raw: Any, *, origin: str = "space", base_dir: str | Path = ".", 
         raise ConfigError(f"{origin}: {err}") from None
     parse_job(base, origin=f"{origin}: job (with set)")
     _check_keys(space, origin)
+    try:  # the metric on the first trial here, with a message about the metric alone; every trial in check_space
+        _check_metric(space, _build(space, {k: _checked(k, d)[0] for k, d in space.search.items()}, CHECK))
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from None
+    space = space.model_copy(update={"mode": _mode(space, origin)})
     if not check:
         return space
     check_space(space)
-    most = max_stages(space)
+    _check_comparable(space, origin)
+    return space
+
+
+# --------------------------------------------------------------------------------------------------
+# What makes trials comparable: the metric, its mode, the held-out set and (ASHA) the stage count
+# --------------------------------------------------------------------------------------------------
+def metric_direction(metric: str) -> Literal["max", "min"] | None:
+    """min for a loss (`eval/loss`, `train/loss`, `eval/easy/loss_vs_ref`), max for an accuracy or margin;
+    None for the rest (log-probs, rewards, gamma, speeds), where the space must say."""
+    last = metric.rsplit("/", 1)[-1]
+    if last.startswith("loss") or last.endswith("_loss"):
+        return "min"
+    if last.startswith(("reward_accuracy", "ranking_accuracy", "accuracies", "margin")):
+        return "max"
+    return None
+
+
+def _mode(space: TuneSpace, origin: str) -> str:
+    direction = metric_direction(space.metric)
+    if space.mode is None:
+        if direction is None:
+            raise ConfigError(f"{origin}: mode: {space.metric} has no natural direction; set mode: max or min")
+        return direction
+    if direction is not None and space.mode != direction:
+        what = "a loss: lower is better" if direction == "min" else "higher is better"
+        raise ConfigError(f"{origin}: mode: {space.metric} is {what}, so mode {space.mode} would rank the worst trial "
+                          f"first; use mode: {direction} (or leave mode out)")
+    return space.mode
+
+
+def held_out(metric: str) -> bool:
+    return metric.startswith(("eval/", "before/eval/"))
+
+
+def reported_metrics(job: JobConfig) -> list[str]:
+    """Every metric a trial of `job` reports after each stage (its stage record's, `pipeline.run_stage`):
+    the stage summary, train/* and final/* (the stage's mean and last step), gamma_*/* (reference.gamma),
+    and, with a held-out split, eval/* and before/eval/*, overall and per source (several sources)."""
+    from sdpo.diagnostics import EVAL_METRICS
+    from sdpo.training import TRAIN_METRICS
+
+    out = [*STAGE_SUMMARY, *(f"{w}/{k}" for w in ("train", "final") for k in TRAIN_METRICS)]
+    out += ["cuda_max_allocated_mib"] if job.scaling.use_gpu else []
+    out += [f"gamma_{w}/{k}" for w in ("ref", "base") for k in ("mean", "median", "std")] if job.reference.gamma else []
+    if job.data.eval.fraction > 0:
+        names = [s.name for s in job.data.sources]
+        scopes = [""] + ([f"{n}/" for n in names] if len(names) > 1 else [])
+        out += [f"{b}eval/{scope}{k}" for b in ("", "before/") for scope in scopes for k in EVAL_METRICS]
+        out += ["eval/num_pairs", "before/eval/num_pairs"]
+    return out
+
+
+def _check_metric(space: TuneSpace, job: JobConfig) -> None:
+    reported = reported_metrics(job)
+    if space.metric in reported:
+        return
+    if held_out(space.metric) and job.data.eval.fraction == 0:
+        raise ConfigError(f"metric: {space.metric} is a held-out metric but data.eval.fraction is 0: no pair is "
+                          "held out, so every trial would report NaN; set data.eval.fraction (e.g. 0.05) or rank "
+                          "by a training metric (train/loss)")
+    overall = [m for m in reported if m.startswith("eval/") and m.count("/") == 1]
+    training = [m for m in reported if not held_out(m) and not m.startswith("final/")]
+    raise ConfigError(f"metric: {space.metric} is not a metric trials report; held-out: {overall} (also before/eval/"
+                      f"<m>{', and eval/<source>/<m> per source' if len(job.data.sources) > 1 else ''}); "
+                      f"training: {training} (also final/<m> for the last step)")
+
+
+def _check_comparable(space: TuneSpace, origin: str) -> None:
+    """Across the trials: the held-out set is one (for a held-out metric) and ASHA's rungs compare trials
+    at the same stage. Only the schedule and the partitioning/data keys change either."""
+    base = parse_job(space.base_job, origin=origin)
+    counts: dict[int, dict] = {}
+    for point in _shape_points(space):
+        job = _build(space, point, CHECK)
+        counts.setdefault(job.num_partitions(), point)
+        lost = [s.name for s in base.data.sources if s.name not in [t.name for t in job.data.sources]]
+        if lost and held_out(space.metric):
+            raise ConfigError(
+                f"{origin}: the trial {point} pools only some sources, so {lost} would leave data.sources and "
+                f"its held-out pairs with it: {space.metric} would rank trials on different held-out sets. A "
+                f"subset order keeps every source's held-out pairs with split_strategy natural (and num_stages = "
+                f"its length); with pooling strategies search orders of every source, or cut data.sources for "
+                f"all trials with `set`")
+    data_keys = [k for k in space.search if k.startswith("data.") and k != "data.max_rejected_fraction"]
+    if data_keys and held_out(space.metric):
+        raise ConfigError(f"{origin}: search.{data_keys[0]} changes the held-out pairs from trial to trial, so "
+                          f"{space.metric} would rank trials on different held-out sets; fix it with `set`, or "
+                          "rank by a training metric")
+    most, (first, *rest) = max(counts), list(counts.values())
+    if space.scheduler.type == "asha" and rest:
+        keys = [k for k in _shape_keys(space) if any(p[k] != first[k] for p in rest)]
+        shown = ", ".join(f"{n} stage(s): {({k: p[k] for k in keys})}" for n, p in sorted(counts.items()))
+        raise ConfigError(
+            f"{origin}: search.{'/'.join(keys)}: trials have {sorted(counts)} stages, and ASHA compares trials "
+            f"at the same iteration (stage): a shorter trial's final metric would stop a longer one before its "
+            f"later stages ({shown}). Use scheduler: {{type: fifo}}, or fix the stage count (e.g. num_stages)")
     if space.scheduler.type == "asha" and space.scheduler.grace_period > most:
         raise ConfigError(f"{origin}: scheduler.grace_period ({space.scheduler.grace_period}) exceeds the most "
                           f"stages a trial has ({most}), so ASHA could never stop a trial; lower it or use "
                           "scheduler: {type: fifo}")
-    return space
 
 
 def load_space(path: str | Path, *, check: bool = True) -> TuneSpace:
@@ -233,7 +354,7 @@ def load_space(path: str | Path, *, check: bool = True) -> TuneSpace:
     if not path.is_file():
         raise ConfigError(f"tune space {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return parse_space(raw, origin=str(path), base_dir=path.parent, check=check)
@@ -243,7 +364,7 @@ def _check_keys(space: TuneSpace, origin: str) -> None:
     """Each key alone, at its first value, on the base job: a typo fails here, named."""
     names = space.source_names
     for key, dim in space.search.items():
-        for value in dim.corners():
+        for value in _checked(key, dim):
             if key == PARTITION_ORDER and (not isinstance(value, list) or not value
                                            or not set(value) <= set(names) or len(set(value)) != len(value)):
                 raise ConfigError(f"{origin}: search.{key}: {value!r} is not a list of distinct source names "
@@ -266,35 +387,58 @@ def _points(space: TuneSpace) -> Iterator[dict]:
     """Every combination of the dimensions' corners, or (past CHECK_ALL) every schedule combination plus
     CHECK_SAMPLES seeded samples."""
     keys = list(space.search)
-    corners = [space.search[k].corners() for k in keys]
+    corners = [_checked(k, space.search[k]) for k in keys]
     if math.prod(len(c) for c in corners) <= CHECK_ALL:
         yield from (dict(zip(keys, combo, strict=True)) for combo in itertools.product(*corners))
         return
     first = {k: c[0] for k, c in zip(keys, corners, strict=True)}
-    yield from _schedule_points(space, first)
+    yield from _shape_points(space, first)
+    yield from _key_points(space, [k for k in keys if k.startswith(("scaling.", "reference."))], first)
     rng = random.Random(space.seed)
     for _ in range(CHECK_SAMPLES):
         yield {k: rng.choice(c) for k, c in zip(keys, corners, strict=True)}
 
 
-def _schedule_points(space: TuneSpace, rest: dict) -> Iterator[dict]:
-    keys = [k for k in space.search if k in SCHEDULE_KEYS]
-    for combo in itertools.product(*(space.search[k].corners() for k in keys)):
+def _shape_keys(space: TuneSpace) -> list[str]:
+    """The search keys that can change a trial's stages or sources: the schedule, partitioning.*, data.*."""
+    return [k for k in space.search if k in SCHEDULE_KEYS or k.startswith(("partitioning.", "data."))]
+
+
+def _key_points(space: TuneSpace, keys: list[str], rest: dict) -> Iterator[dict]:
+    """Every combination of the checked values of `keys`, the other keys as in `rest`."""
+    for combo in itertools.product(*(_checked(k, space.search[k]) for k in keys)):
         yield rest | dict(zip(keys, combo, strict=True))
 
 
+def _shape_points(space: TuneSpace, rest: dict | None = None) -> Iterator[dict]:
+    if rest is None:
+        rest = {k: _checked(k, d)[0] for k, d in space.search.items()}
+    yield from _key_points(space, _shape_keys(space), rest)
+
+
 def check_space(space: TuneSpace) -> None:
-    """Turn every point (see `_points`) into a job; raise on the first that cannot run, naming it."""
+    """Turn every point (see `_points`) into a job; raise on the first that cannot run (or does not report
+    the metric), naming it."""
     for point in _points(space):
         try:
-            _build(space, point, CHECK)
+            _check_metric(space, _build(space, point, CHECK))
         except ConfigError as err:
             raise ConfigError(f"{space.name}: the search point {point} cannot run\n{err}") from None
 
 
 def max_stages(space: TuneSpace) -> int:
-    """The most stages any trial has (ASHA's max_t): only the schedule keys change the stage count."""
-    return max(_build(space, p, CHECK).num_partitions() for p in _schedule_points(space, {}))
+    """The most stages any trial has (ASHA's max_t): only the schedule, partitioning and data keys change it."""
+    return max(_build(space, p, CHECK).num_partitions() for p in _shape_points(space))
+
+
+def resource_jobs(space: TuneSpace) -> list[JobConfig]:
+    """The trials' jobs as far as their resources differ (searched scaling.* or reference.* keys): what
+    `tune_results.plan_trials` plans for; the base job's alone when none is searched."""
+    keys = [k for k in space.search if k.startswith(("scaling.", "reference."))]
+    if not keys:
+        return [_build(space, {k: _checked(k, d)[0] for k, d in space.search.items()}, CHECK)]
+    return [_build(space, p, CHECK) for p in _key_points(space, keys, {k: _checked(k, d)[0]
+                                                                        for k, d in space.search.items()})]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,7 +547,7 @@ def _fit_stages(raw: dict, point: dict, stage_keys: list[str], origin: str) -> N
         _apply_key(stages[int(index)], rest, point[key], f"search.{key}")
 
 
-def _build(space: TuneSpace, point: dict, trial_id: str) -> JobConfig:
+def _build(space: TuneSpace, point: dict, trial_id: str, sample: int = 0) -> JobConfig:
     origin = "the trial's job" if trial_id == CHECK else f"trial {trial_id}"
     raw = copy.deepcopy(space.base_job)
     _apply_schedule(raw, point)
@@ -413,6 +557,8 @@ def _build(space: TuneSpace, point: dict, trial_id: str) -> JobConfig:
         _apply_key(raw, key, point[key], f"search.{key}")
     if stage_keys or raw.get("stages"):
         _fit_stages(raw, point, stage_keys, origin)
+    if sample and space.searcher == "grid" and "seed" not in space.search:  # repeat k of the grid: seed + k
+        raw["seed"] = int(raw.get("seed") or 0) + sample
     raw["name"] = f"{space.name}-{trial_id}"
     raw["output_dir"] = storage.join(raw.get("output_dir") or JobConfig.model_fields["output_dir"].default,
                                      space.name, trial_id)
@@ -420,12 +566,17 @@ def _build(space: TuneSpace, point: dict, trial_id: str) -> JobConfig:
 
 
 def trial_name(config: dict) -> str:
-    """A trial's id from its config alone: 8 hex digits of the sorted JSON's sha256."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    """A trial's id from its config alone: 8 hex digits of the sorted JSON's sha256 (without `sample`),
+    then `-<k>` for sample k > 0, so repeats of a point get their own ids and output folders."""
+    point = {k: v for k, v in config.items() if k != SAMPLE}
+    digest = hashlib.sha256(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{digest}-{int(config[SAMPLE])}" if config.get(SAMPLE) else digest
 
 
 def _point(space: TuneSpace, config: dict) -> dict:
+    """The trial's value of every search key (`sample` kept aside, not a search key)."""
     config = decode_config(space, config)
+    config.pop(SAMPLE, None)
     unknown = sorted(set(config) - set(space.search))
     if unknown:
         raise ConfigError(f"trial config: {unknown} are not search keys; the space searches {list(space.search)}")
@@ -440,11 +591,12 @@ def _point(space: TuneSpace, config: dict) -> dict:
 def trial_job(space: TuneSpace, config: dict, trial_id: str | None = None) -> JobConfig:
     """The job of one sampled point: `config` maps the search keys to values (fixed ones may be left out;
     optuna's encoded values are decoded). Named `<space>-<trial_id>`, writing to
-    `<base output_dir>/<space>/<trial_id>`; trial_id defaults to `trial_name` of the point."""
-    point = _point(space, config)
-    trial_id = re.sub(r"[^A-Za-z0-9_.-]", "_", trial_id) if trial_id else trial_name(point)
+    `<base output_dir>/<space>/<trial_id>`; trial_id defaults to `trial_name` of the point. `sample` in the
+    config (num_samples > 1) is the repeat: with searcher grid, repeat k trains with the job's seed + k."""
+    point, sample = _point(space, config), int(config.get(SAMPLE) or 0)
+    trial_id = re.sub(r"[^A-Za-z0-9_.-]", "_", trial_id) if trial_id else trial_name(point | {SAMPLE: sample})
     try:
-        return _build(space, point, trial_id)
+        return _build(space, point, trial_id, sample)
     except ConfigError as err:
         raise ConfigError(f"{space.name}: the search point {point} cannot run\n{err}") from None
 
@@ -456,8 +608,23 @@ def stage_count(space: TuneSpace, config: dict) -> int:
 # --------------------------------------------------------------------------------------------------
 # Searchers
 # --------------------------------------------------------------------------------------------------
+def trial_count(space: TuneSpace) -> int:
+    """How many trials the search runs: num_samples times every grid (searcher grid: every discrete
+    dimension; random: the `grid` ones; optuna samples grids too)."""
+    if space.searcher == "optuna":
+        return space.num_samples
+    grids = [len(d.options) for d in space.search.values()
+             if d.form == "grid" or (space.searcher == "grid" and d.discrete and d.form != "fixed")]
+    return space.num_samples * math.prod(grids)
+
+
+def tune_num_samples(space: TuneSpace) -> int:
+    """Tune's num_samples: 1 where the param space enumerates the samples itself (`sample`, a grid)."""
+    return space.num_samples if space.searcher == "optuna" else 1
+
+
 def grid_points(space: TuneSpace) -> list[dict]:
-    """Every combination of the discrete dimensions (searcher grid; Tune repeats it num_samples times)."""
+    """Every combination of the discrete dimensions (searcher grid; run num_samples times, see `sample`)."""
     ranges = [k for k, d in space.search.items() if not d.discrete]
     if ranges:
         raise ConfigError(f"search: {ranges} are ranges; a grid enumerates choice/grid/permutations or fixed values")
@@ -466,14 +633,16 @@ def grid_points(space: TuneSpace) -> list[dict]:
 
 
 def to_tune_param_space(space: TuneSpace) -> dict[str, Any]:
-    """Ray Tune's `param_space` (flat keys). Searcher grid: every discrete dimension a grid_search.
-    Searcher optuna has no param_space: use `OptunaSearch(space=optuna_define_by_run(space))`."""
+    """Ray Tune's `param_space` (flat keys). Searcher grid: every discrete dimension a grid_search. With
+    num_samples > 1, `sample` is a grid of the sample indices (run with `tune_num_samples`, i.e. 1): the
+    same trials as Tune's own num_samples, each config carrying its index. Searcher optuna has no
+    param_space: use `OptunaSearch(space=optuna_define_by_run(space))`."""
     if space.searcher == "optuna":
         raise ConfigError("searcher optuna: pass OptunaSearch(space=optuna_define_by_run(space), ...) and leave "
                           "param_space empty (Tune refuses a space in both)")
     from ray import tune
 
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {SAMPLE: tune.grid_search(list(range(space.num_samples)))} if space.num_samples > 1 else {}
     for key, dim in space.search.items():
         if dim.form == "fixed":
             out[key] = copy.deepcopy(dim.values[0])
@@ -508,10 +677,11 @@ def decode_config(space: TuneSpace, config: dict) -> dict:
 
 def optuna_define_by_run(space: TuneSpace) -> Callable[[Any], dict | None]:
     """A define-by-run function for Tune's OptunaSearch: choice, grid and permutations are categorical
-    (grid is sampled, not enumerated), ranges are floats/ints; fixed values come back as constants."""
+    (grid is sampled, not enumerated), ranges are floats/ints; fixed values come back as constants, and
+    with num_samples > 1 the optuna trial's number as `sample`."""
 
     def define(trial: Any) -> dict | None:
-        fixed = {}
+        fixed = {SAMPLE: trial.number} if space.num_samples > 1 else {}
         for key, dim in space.search.items():
             if dim.form == "fixed":
                 fixed[key] = copy.deepcopy(dim.values[0])
