@@ -201,3 +201,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(layout):
 
     for a, b in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_leaves_biases_and_norm_gains_alone():
+    """A step with no gradient applies only AdamW's decay: the matrices shrink by lr * wd, while biases
+    and norm gains (1-D: decaying them pulls the RMSNorm scale towards 0) stay where they are."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, lr=0.1, weight_decay=0.5, betas=(0.9, 0.999), eps=1e-8)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    one_d = [n for n, p in model.named_parameters() if p.dim() == 1]
+    assert any(n.endswith(".bias") for n in one_d) and any("ln_" in n for n in one_d)
+    for n, p in model.named_parameters():
+        expected = before[n] if p.dim() == 1 else before[n] * (1 - 0.1 * 0.5)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7, msg=n)

@@ -55,8 +55,13 @@ def lr_multiplier(kind: str, warmup_steps: int, total_steps: int) -> Callable[[i
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas, eps: float):
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    """AdamW; weight decay on the matrices only (not on biases and norm gains, whose decay pulls them to 0),
+    as Hugging Face's Trainer groups them."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and not n.endswith("bias")]
+    rest = [p for n, p in named if not (p.dim() >= 2 and not n.endswith("bias"))]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
