@@ -378,3 +378,13 @@ def test_model_digest_ignores_trainer_state_beside_the_weights(tmp_path):
 def test_read_marker_rejects_json_that_is_not_an_object(tmp_path):
     (tmp_path / caching.MARKER).write_text("[1]")
     assert read_marker(str(tmp_path)) is None
+
+
+def test_pass_key_names_the_layout_only_where_it_changes_the_values():
+    """Under bf16 (weights or autocast) the layout changes the log-probs beyond summation order; in fp32 it
+    does not, so fp32 entries are shared between layouts (and keep the keys they had)."""
+    fp32 = BASE_KEY_ARGS | {"precision": "fp32"}
+    assert pass_key(**fp32, layout="prefix") == pass_key(**fp32, layout="shared") == pass_key(**fp32)
+    for precision in ("bf16", "autocast"):
+        args = BASE_KEY_ARGS | {"precision": precision}
+        assert pass_key(**args, layout="prefix") != pass_key(**args, layout="shared")

@@ -189,8 +189,8 @@ def test_reference_pass_scores_equal_the_plain_layout(model):
 
     p, c, r = _pairs(13, seed=5)
     cpu = torch.device("cpu")
-    plain = score_pairs(model, p, c, r, device=cpu, micro_batch=4, shared_prompt=False)
-    shared = score_pairs(model, p, c, r, device=cpu, micro_batch=4, shared_prompt=True)
+    plain = score_pairs(model, p, c, r, device=cpu, micro_batch=4, layout="plain")
+    shared = score_pairs(model, p, c, r, device=cpu, micro_batch=4, layout="shared")
     for key in plain:  # back in input order, every pair
         assert (abs(plain[key] - shared[key]) < 1e-4).all(), key
     assert shared["chosen_tokens"].tolist() == [len(x) for x in c]

@@ -18,6 +18,7 @@ from sdpo.plan import (
     steps_per_epoch,
     train_run_name,
     train_run_prefix,
+    training_layout,
 )
 
 MINIMAL = {
@@ -251,12 +252,12 @@ def test_scoring_cpu_explicit_cpus_per_actor():
 def test_scoring_gpu_one_actor_per_gpu():
     """16 CPUs, 4 GPUs -> 4 actors x (1 GPU, 1 CPU), bf16; 4 CPUs + 1 for Ray Data <= 16."""
     plan = plan_scoring({"CPU": 16, "GPU": 4}, use_gpu=True, data_cpus=1)
-    assert plan == ScoringPlan(actors=4, num_cpus=1.0, num_gpus=1.0, threads=1, precision="bf16")
+    assert plan == ScoringPlan(actors=4, num_cpus=1.0, num_gpus=1.0, threads=1, precision="autocast")
 
 
 def test_scoring_gpu_explicit_actor_count():
     plan = plan_scoring({"CPU": 16, "GPU": 4}, use_gpu=True, data_cpus=1, num_actors=2)
-    assert (plan.actors, plan.num_gpus, plan.num_cpus, plan.precision) == (2, 1.0, 1.0, "bf16")
+    assert (plan.actors, plan.num_gpus, plan.num_cpus, plan.precision) == (2, 1.0, 1.0, "autocast")
 
 
 def test_scoring_gpu_fractional_and_multi_gpu_actors():
@@ -322,7 +323,7 @@ def test_scoring_plans_always_fit_the_cluster():
         assert plan.actors * plan.num_cpus + max(data_cpus, 1) <= cpus + 1e-9, case
         assert plan.actors * plan.num_gpus <= gpus + 1e-9, case
         assert (plan.num_gpus > 0) == use_gpu, case
-        assert plan.precision == ("bf16" if use_gpu else "fp32"), case
+        assert plan.precision == ("autocast" if use_gpu else "fp32"), case
         assert plan.threads == max(1, int(plan.num_cpus)), case
         planned += 1
     assert planned > 50 and refused > 50
@@ -336,3 +337,25 @@ def test_cpu_actor_fits_on_one_node_of_a_multi_node_cluster():
     assert plan.num_cpus == 2 and plan.threads == 2
     with pytest.raises(PlanError, match="largest node has 2"):
         plan_scoring({"CPU": 8}, use_gpu=False, data_cpus=1, num_cpus_per_actor=3, node_cpus=2)
+
+
+@pytest.mark.parametrize("use_gpu, training, asked, expected", [
+    (False, "auto", "auto", "fp32"),  # CPU training is fp32
+    (True, "auto", "auto", "autocast"),  # GPU training is bf16 autocast on fp32 weights: so is the pass
+    (False, "bf16", "auto", "autocast"),  # bf16 training on CPU: autocast too
+    (True, "fp32", "auto", "fp32"),
+    (True, "auto", "bf16", "bf16"),  # asked for: bf16 weights
+    (False, "bf16", "fp32", "fp32"),
+])
+def test_scoring_precision_follows_training(use_gpu, training, asked, expected):
+    cluster = {"CPU": 8, "GPU": 1} if use_gpu else {"CPU": 8}
+    plan = plan_scoring(cluster, use_gpu=use_gpu, data_cpus=1, precision=asked, training_precision=training)
+    assert plan.precision == expected
+
+
+@pytest.mark.parametrize("shared, prefix, checkpointing, layout", [
+    (True, True, False, "prefix"), (True, True, True, "shared"), (True, False, False, "shared"),
+    (False, True, False, "plain"),
+])
+def test_training_layout(shared, prefix, checkpointing, layout):
+    assert training_layout(shared_prompt=shared, prefix_cache=prefix, gradient_checkpointing=checkpointing) == layout

@@ -135,3 +135,46 @@ def test_bf16_pass_is_close_to_fp32(pairs):
     assert not np.array_equal(fp32, bf16), "bf16 weights must actually be used"
     # bf16 keeps 8 bits of mantissa: per-token log-probs move by ~1e-2 relative; sums by about as much
     np.testing.assert_allclose(bf16, fp32, rtol=0.05)
+
+
+@pytest.mark.parametrize("layout", ["plain", "shared", "prefix"])
+def test_autocast_pass_in_the_training_layout_is_the_policy_itself_at_step_0(pairs, layout):
+    """Training in bf16 runs fp32 weights under autocast; the reference pass `plan_scoring` asks for then
+    ("autocast", in the training's layout) gives the policy's own log-probs, so every pair's first loss is
+    ln 2 exactly. bf16 weights, or another layout, are bf16-rounding away: a fixed error in every pair's
+    log-ratio for the whole stage."""
+    from sdpo.pair_layout import chunks, collate_shared
+    from sdpo.prefix_cache import collate_prefix
+    from sdpo.training import autocast
+
+    table = pa.table({k: pa.array(v, pa.list_(pa.int32())) for k, v in zip(
+        ("prompt_ids", "chosen_ids", "rejected_ids"), pairs, strict=True)})
+    policy = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32)
+    policy.train()
+    collate = {"plain": collate_pairs, "shared": collate_shared, "prefix": collate_prefix}[layout]
+
+    def first_losses(scored: pa.Table, batch_size: int = 4) -> torch.Tensor:
+        out = []
+        for s in range(0, table.num_rows, batch_size):  # training batches, not the pass's micro-batches
+            idx = list(range(s, min(s + batch_size, table.num_rows)))
+            batch = collate(*([x[i] for i in idx] for x in pairs))
+            order = [idx[o] for o in batch["order"].tolist()] if "order" in batch else idx
+            batch |= {name: torch.tensor(scored.column(name).to_numpy()[order]) for name in (
+                "chosen_tokens", "rejected_tokens")}
+            batch |= {"ref_" + name: torch.tensor(scored.column(name).to_numpy()[order]) for name in (
+                "chosen_logps", "rejected_logps")}
+            for part in (chunks(batch) if layout != "plain" else [batch]):
+                with autocast(True, CPU):
+                    losses, _ = pair_losses(policy, None, part, DPO)
+                out.append(losses.detach())
+        return torch.cat(out)
+
+    same = first_losses(PairScorer(str(STORIES), precision="autocast", layout=layout)(table))
+    assert torch.equal(same, torch.full_like(same, math.log(2))), (same - math.log(2)).abs().max()
+    weights = first_losses(PairScorer(str(STORIES), precision="bf16", layout=layout)(table))
+    assert (weights - math.log(2)).abs().max() > 1e-3  # what `auto` used to score with on GPUs
+
+
+def test_unknown_layout_is_refused(pairs, models):
+    with pytest.raises(ValueError, match="layout must be plain, shared or prefix"):
+        score_pairs(models[1], *pairs, device=CPU, layout="packed")

@@ -123,12 +123,16 @@ def model_digest(path: str, revision: str | None = None) -> str | None:
 # Keys and entries
 # --------------------------------------------------------------------------------------------------
 def pass_key(*, model: str, data: str, tokenization: dict[str, Any], precision: str, groups: bool = False,
-             order: str | None = None) -> str:
+             order: str | None = None, layout: str = "shared") -> str:
     """The cache key of one scoring pass. Every argument is an input of the result (`groups`: every
     response of K-response rows is scored, for the listwise losses; `order`: the entry also keeps each
-    row's stored position, for `training.shuffle: false` — the digest of (pair, position) it was made from)."""
+    row's stored position, for `training.shuffle: false` — the digest of (pair, position) it was made from;
+    `layout`: the pair layout, which changes the values beyond summation order only under bf16, so fp32
+    keys leave it out)."""
     payload = {"scorer": SCORER_VERSION, "model": model, "data": data, "tokenization": tokenization,
                "precision": precision}
+    if precision != "fp32":
+        payload["layout"] = layout
     if groups:  # absent for pair passes, so existing keys stay valid
         payload["groups"] = True
     if order is not None:

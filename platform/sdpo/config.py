@@ -328,8 +328,11 @@ class ReferenceConfig(_Strict):
     num_cpus_per_actor: PositiveFloat | None = Field(
         None, description="Default: 1 with GPUs; on CPU the CPUs not kept for Ray Data."
     )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Weights of the inference passes; auto = bf16 on GPUs, fp32 on CPU."
+    precision: Literal["auto", "fp32", "bf16", "autocast"] = Field(
+        "auto", description="Numerics of the inference passes. auto: as training computes (training.precision: "
+        "bf16 autocast on fp32 weights on GPUs, fp32 on CPU), so a stage's first loss is exactly ln 2; "
+        "autocast: fp32 weights under bf16 autocast; bf16: bf16 weights (half the memory, but the reference's "
+        "log-probs are then not the policy's at step 0); fp32.",
     )
     gamma: bool = Field(
         True, description="The gamma diagnostic: also score each partition under the base model (cached)."

@@ -45,6 +45,7 @@ class PassSettings:
     tokenization: dict  # what tokenised the rows (the content digest covers the result; this names it)
     revision: str | None = None
     trust_remote_code: bool = False
+    layout: str = "shared"  # the training's (plan.training_layout): under bf16 the values depend on it
 
 
 def _score(ds, model: Any, prefix: str, s: PassSettings, groups: bool = False):
@@ -56,7 +57,7 @@ def _score(ds, model: Any, prefix: str, s: PassSettings, groups: bool = False):
         fn_constructor_kwargs={
             "model": model, "prefix": prefix, "precision": p.precision, "num_gpus": p.num_gpus,
             "threads": p.threads, "micro_batch": s.batch_size, "revision": s.revision,
-            "trust_remote_code": s.trust_remote_code, "groups": groups,
+            "trust_remote_code": s.trust_remote_code, "groups": groups, "layout": s.layout,
         },
         batch_size=s.batch_size * 4,  # several micro-batches per call: length-sorting has room to work
         batch_format="pyarrow",
@@ -204,7 +205,8 @@ def split_target(split_dir: str | None, *, model_digest: str | None, data_digest
         if ordered and order is None:
             order = order_digest(split_dir)
         key = caching.pass_key(model=model_digest, data=data_digest, tokenization=settings.tokenization,
-                               precision=settings.plan.precision, groups=groups, order=order)
+                               precision=settings.plan.precision, groups=groups, order=order,
+                               layout=settings.layout)
     path = caching.entry_path(settings.cache_dir, key) if key else uncached_dir
     if key and _complete(path, num_rows):
         return caching.CacheEntry(key, path, "hit", num_rows=num_rows)
@@ -212,7 +214,7 @@ def split_target(split_dir: str | None, *, model_digest: str | None, data_digest
     if key:
         meta = {"key": key, "model": model_digest, "data": data_digest, "tokenization": settings.tokenization,
                 "precision": settings.plan.precision, "scorer": caching.SCORER_VERSION, "num_rows": num_rows,
-                "groups": groups}
+                "groups": groups, "layout": settings.layout}
     return Target(split_dir or "", path, num_rows, meta)
 
 

@@ -30,6 +30,7 @@ from sdpo.plan import (
     plan_stages,
     train_run_name,
     train_run_prefix,
+    training_layout,
 )
 from sdpo.stage_store import stage_key
 
@@ -288,6 +289,7 @@ def prepare_run(job: JobConfig, out: str, *, address: str | None, log: Callable[
     scoring = plan_scoring(cluster, use_gpu=s.use_gpu, data_cpus=s.data_cpus,
                            num_actors=r.num_actors, num_gpus_per_actor=r.num_gpus_per_actor,
                            num_cpus_per_actor=r.num_cpus_per_actor, precision=r.precision,
+                           training_precision=job.training.precision,
                            node_cpus=None if s.autoscale else _largest_node_cpus())
     data_dir = storage.join(out, "data")
     settings = ingest.TokenizerSettings(
@@ -368,13 +370,15 @@ def pass_settings(prep: Prepared) -> Any:
 def _pass_settings(job: JobConfig, out: str, scoring: Any) -> Any:
     from sdpo.passes import PassSettings
 
-    m, d = job.model, job.data
+    m, d, t = job.model, job.data, job.training
     return PassSettings(
         plan=scoring, batch_size=job.reference.batch_size,
         cache_dir=storage.abspath(job.reference.cache_dir or storage.join(out, CACHE)),
         tokenization={"tokenizer": m.tokenizer_path, "revision": m.revision, "max_length": d.max_length,
                       "max_prompt_length": d.max_prompt_length},
         revision=m.revision, trust_remote_code=m.trust_remote_code,
+        layout=training_layout(shared_prompt=t.shared_prompt, prefix_cache=t.prefix_cache,
+                               gradient_checkpointing=t.gradient_checkpointing),
     )
 
 

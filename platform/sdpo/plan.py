@@ -183,7 +183,15 @@ class ScoringPlan:
     num_cpus: float
     num_gpus: float
     threads: int
-    precision: str  # resolved: "fp32" or "bf16"
+    precision: str  # resolved: "fp32", "autocast" (fp32 weights, bf16 autocast) or "bf16" (bf16 weights)
+
+
+def training_layout(*, shared_prompt: bool, prefix_cache: bool, gradient_checkpointing: bool) -> str:
+    """The pair layout a stage's worker trains with where the model supports it (`worker.stage_loop`):
+    the inference passes score in the same one, so a precomputed reference is the policy's own at step 0."""
+    if not shared_prompt:
+        return "plain"
+    return "prefix" if prefix_cache and not gradient_checkpointing else "shared"
 
 
 def plan_scoring(
@@ -195,6 +203,7 @@ def plan_scoring(
     num_gpus_per_actor: float | None = None,
     num_cpus_per_actor: float | None = None,
     precision: str = "auto",
+    training_precision: str = "auto",
     node_cpus: float | None = None,
 ) -> ScoringPlan:
     """Size the actor pool of the inference passes, which run between stages (never beside training).
@@ -203,6 +212,11 @@ def plan_scoring(
     share (one model copy, many threads, beats several copies fighting for the same cores), and no more
     than the largest node has (`node_cpus`): on a multi-node cluster the sum of the nodes' CPUs is not
     a place an actor can live — asking for it is a request that waits forever.
+
+    Precision `auto` scores as training computes (`training_precision`, resolved as the workers resolve it:
+    bf16 autocast on GPUs): the reference's log-probs are then the policy's own at step 0, so a stage's
+    first loss is exactly ln 2. bf16 *weights* (`bf16`) round the residual stream where autocast keeps it
+    in fp32, which would shift every pair's log-ratio by a fixed error for the whole stage.
     """
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     gpu_each = num_gpus_per_actor if num_gpus_per_actor is not None else (1.0 if use_gpu else 0.0)
@@ -231,5 +245,6 @@ def plan_scoring(
             f"cluster's {cpus:g} CPUs; lower reference.num_actors or reference.num_cpus_per_actor, or add nodes"
         )
     if precision == "auto":
-        precision = "bf16" if gpu_each > 0 else "fp32"
+        bf16_training = training_precision == "bf16" or (training_precision == "auto" and use_gpu)
+        precision = "autocast" if bf16_training else "fp32"
     return ScoringPlan(actors, cpu_each, gpu_each, max(1, int(cpu_each)), precision)

@@ -20,6 +20,7 @@ import torch
 
 from sdpo.logprobs import collate_pairs, collate_sequences, row_groups, sequence_logps_sums
 from sdpo.pair_layout import chunks, collate_shared, shared_sequence_logps, supports_shared_prompt
+from sdpo.prefix_cache import collate_prefix, prefix_sequence_logps
 
 TOKENS = ("chosen_tokens", "rejected_tokens")
 
@@ -76,15 +77,21 @@ def score_pairs(
     *,
     device: torch.device,
     micro_batch: int = 32,
-    shared_prompt: bool = True,
+    layout: str = "shared",
 ) -> dict[str, np.ndarray]:
     """Summed completion log-probs of chosen and rejected, and their token counts, per pair.
 
     Pairs are scored longest-first in micro-batches of similar length, then put back in input order.
-    `shared_prompt`: one row per pair, the prompt computed once (`pair_layout`), where the model's
-    attention takes the mask; the values equal the two-row layout's up to float summation order.
+    `layout`: "shared", one row per pair, the prompt computed once (`pair_layout`), where the model's
+    attention takes the mask; "prefix", the prompt once through the KV cache (`prefix_cache`); "plain",
+    two rows per pair. In fp32 the values agree up to float summation order; under bf16 they agree only
+    to bf16 rounding, so a pass that stands in for a policy's own log-probs uses the policy's layout.
     """
-    shared_prompt = shared_prompt and supports_shared_prompt(model)
+    if layout not in ("plain", "shared", "prefix"):
+        raise ValueError(f"layout must be plain, shared or prefix, got {layout!r}")
+    shared_prompt = layout != "plain" and supports_shared_prompt(model)
+    collate, logps = ((collate_prefix, prefix_sequence_logps) if layout == "prefix"
+                      else (collate_shared, shared_sequence_logps))
     n = len(prompt_ids)
     lengths = np.array([len(p) + max(len(c), len(r)) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids,
                                                                          strict=True)])
@@ -94,10 +101,10 @@ def score_pairs(
     for start in range(0, n, micro_batch):
         idx = order[start:start + micro_batch]
         if shared_prompt:
-            batch = collate_shared([prompt_ids[i] for i in idx], [chosen_ids[i] for i in idx],
-                                   [rejected_ids[i] for i in idx], max_splits=4)
+            batch = collate([prompt_ids[i] for i in idx], [chosen_ids[i] for i in idx],
+                            [rejected_ids[i] for i in idx], max_splits=4)
             for part in chunks({k: v.to(device) for k, v in batch.items()}):
-                sums = shared_sequence_logps(model, part).double().cpu().numpy()
+                sums = logps(model, part).double().cpu().numpy()
                 rows, b = idx[part["order"].cpu().numpy()], len(part["order"])
                 out["chosen_logps"][rows], out["rejected_logps"][rows] = sums[:b], sums[b:]
                 out["chosen_tokens"][rows] = part["chosen_len"].cpu().numpy()
@@ -159,20 +166,27 @@ class PairScorer:
 
     def __init__(self, model: Any, *, prefix: str = "", precision: str = "fp32", num_gpus: float = 0.0,
                  threads: int | None = None, micro_batch: int = 32, revision: str | None = None,
-                 trust_remote_code: bool = False, groups: bool = False):
+                 trust_remote_code: bool = False, groups: bool = False, layout: str = "shared"):
         if threads:  # never more threads than the node has cores (logical CPUs may oversubscribe)
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or threads)))
         self.device = pick_device(num_gpus)
-        dtype = torch.bfloat16 if resolve_precision(precision, self.device.type == "cuda") == "bf16" else torch.float32
+        # "autocast": fp32 weights under bf16 autocast, as the policy trains in bf16 (plan.plan_scoring)
+        mode = resolve_precision(precision, self.device.type == "cuda")
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float32
         self.model = load_model(model, dtype=dtype, device=self.device, revision=revision,
                                 trust_remote_code=trust_remote_code).eval()
-        self.prefix, self.micro_batch, self.groups = prefix, micro_batch, groups
+        self.autocast = mode == "autocast"
+        self.prefix, self.micro_batch, self.groups, self.layout = prefix, micro_batch, groups, layout
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self._score(table)
+
+    def _score(self, table: pa.Table) -> pa.Table:
         ids = [table.column(c).to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
         if self.groups:
             return self._score_groups(table, ids)
-        scores = score_pairs(self.model, *ids, device=self.device, micro_batch=self.micro_batch)
+        scores = score_pairs(self.model, *ids, device=self.device, micro_batch=self.micro_batch, layout=self.layout)
         for name in ("chosen_logps", "rejected_logps"):
             table = table.append_column(self.prefix + name, pa.array(scores[name], pa.float64()))
         for name in TOKENS:
