@@ -263,15 +263,22 @@ def test_prefix_cache_logps_equal_the_plain_layout(attn, average, n, no_fallback
     torch.testing.assert_close(prefix, plain, rtol=0, atol=1e-5)
 
 
-def test_prefix_cache_of_one_token_completions_runs_the_prompts_only(no_fallback):
+def test_prefix_cache_of_one_token_completions_still_makes_every_call(no_fallback):
+    """1-token completions need only the prompts' logits, but the chunk still calls the model for chosen
+    and rejected (keeping nothing): under DDP and FSDP every call is a collective, and a rank whose chunk
+    made fewer calls than another's would hang the stage."""
     from sdpo.prefix_cache import collate_prefix, computed_positions
 
     m = tiny_llama()
+    calls = []
+    m.model.register_forward_hook(lambda *args: calls.append(1))
     p, c, r = [[5, 6, 7], [8]], [[2], [2]], [[2], [2]]
     batch = collate_prefix(p, c, r)
     assert computed_positions(batch) == 2 * 3
     torch.testing.assert_close(_prefix_logps(m, batch), sequence_logps(m, collate_pairs(p, c, r)).double(),
                                rtol=0, atol=1e-5)
+    parts = len(list(chunks(batch)))
+    assert len(calls) == 3 * parts + 1  # prompts, chosen, rejected a chunk; then the plain layout's one call
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -160,15 +160,15 @@ def prefix_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, a
 
     # 2. the chosen completions (sequences 0..B-1), then the rejected (B..2B-1), each over the prompts' cache
     for ids, lens, offset in ((chosen, c, 0), (rejected, r, b)):
-        width = ids.shape[1] - 1  # the last column predicts nothing scored
-        if width == 0:
-            continue
+        # the last column predicts nothing scored; but a chunk of 1-token completions still makes its call
+        # (with nothing kept): every rank must make the same calls, each one a collective under FSDP and DDP
+        width = max(ids.shape[1] - 1, 1)
         if offset:  # the chosen call replaced `cache`'s tensors by [prompt | chosen]: a new one over the prompt
             cache = DynamicCache(ddp_cache_data=prompt_kv)
         cols = torch.arange(width, device=device)
         mask = torch.cat([prompt_mask, cols[None, :] < lens[:, None]], dim=1)
         keep = cols[None, :] < (lens - 1)[:, None]  # column t predicts token t+1
-        labels = ids[:, 1:][keep]
+        labels = ids[:, 1:][keep[:, :ids.shape[1] - 1]]  # none where every completion is 1 token
         token_logps.append(_kept_logps(model, ids[:, :width], mask, p[:, None] + cols, keep, cache,
                                        torch.arange(labels.shape[0], device=device), labels))
         seq.append(keep.nonzero(as_tuple=True)[0] + offset)
