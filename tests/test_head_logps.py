@@ -70,13 +70,50 @@ def test_without_gradients_the_slices_give_the_same_values():
     torch.testing.assert_close(sliced, plain, rtol=0, atol=1e-12)
 
 
-def test_within_the_budget_it_is_the_one_matmul_path():
-    hidden, weight, bias, rows, labels, _ = _case(torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_within_the_budget_it_is_the_one_matmul_path(dtype):
+    """One matmul, its softmax gradient formed in place (`_FusedLogps`): the values and all three
+    gradients equal autograd's through F.linear, logsumexp and gather (the same operations)."""
+    hidden, weight, bias, rows, labels, upstream = _case(dtype)
+    fused = _value_and_grads(lambda: kept_logps(hidden, weight, bias, rows, labels, max_mb=_mb_for_rows(11, 50)),
+                             hidden, weight, bias, upstream)
     out = kept_logps(hidden, weight, bias, rows, labels, max_mb=_mb_for_rows(11, 50))
-    assert out.grad_fn.name() != "_ChunkedLogpsBackward"
-    assert torch.equal(out, plain_logps(F.linear(hidden, weight, bias), rows, labels))
+    assert out.grad_fn.name() == "_FusedLogpsBackward"
+    plain = _value_and_grads(lambda: plain_logps(F.linear(hidden, weight, bias), rows, labels),
+                             hidden, weight, bias, upstream)
+    assert torch.equal(fused[0], plain[0])
+    for name, f, p in zip(("hidden", "weight", "bias"), fused[1], plain[1], strict=True):
+        assert p.abs().max() > 0, name
+        torch.testing.assert_close(f, p, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0, msg=name)
     unbounded = kept_logps(hidden, weight, bias, rows, labels, max_mb=None)
-    assert torch.equal(unbounded, out)
+    assert torch.equal(unbounded.detach(), fused[0])
+    with torch.no_grad():  # no gradients: autograd's path, no logits kept
+        assert torch.equal(kept_logps(hidden, weight, bias, rows, labels), fused[0])
+
+
+def test_the_fused_backward_refuses_a_second_pass():
+    hidden, weight, bias, rows, labels, upstream = _case(torch.float32)
+    loss = (kept_logps(hidden, weight, bias, rows, labels) * upstream).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="max_logits_mb"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("block_bytes", [4 * 50, 3 * 4 * 50, 2**20])
+def test_cpu_row_blocks_give_the_same_values_and_gradients(block_bytes, monkeypatch):
+    """On CPU the elementwise passes run a block of rows at a time (1 row, 3 rows, all): the same numbers."""
+    hidden, weight, bias, rows, labels, upstream = _case(torch.float32)
+    plain = _value_and_grads(lambda: plain_logps(F.linear(hidden, weight, bias), rows, labels),
+                             hidden, weight, bias, upstream)
+    monkeypatch.setattr(hl, "_CPU_BLOCK_BYTES", block_bytes)
+    for budget in (_mb_for_rows(11, 50), _mb_for_rows(4, 50)):  # fused, and sliced
+        got = _value_and_grads(lambda b=budget: kept_logps(hidden, weight, bias, rows, labels, max_mb=b),
+                               hidden, weight, bias, upstream)
+        torch.testing.assert_close(got[0], plain[0], rtol=0, atol=1e-6)
+        for name, g, p in zip(("hidden", "weight", "bias"), got[1], plain[1], strict=True):
+            torch.testing.assert_close(g, p, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(hl.row_logsumexp(weight), torch.logsumexp(weight, -1), rtol=0, atol=1e-6)
 
 
 def test_bf16_autocast_slices_compute_as_the_linear_would():
@@ -91,7 +128,13 @@ def test_bf16_autocast_slices_compute_as_the_linear_would():
                                  hidden, weight, bias, upstream)
         sliced = _value_and_grads(lambda: kept_logps(hidden, weight, bias, rows, labels,
                                                      max_mb=_mb_for_rows(7, 64)), hidden, weight, bias, upstream)
-    assert plain[0].dtype == sliced[0].dtype == torch.float32
+        fused = _value_and_grads(lambda: kept_logps(hidden, weight, bias, rows, labels), hidden, weight, bias,
+                                 upstream)
+    assert plain[0].dtype == sliced[0].dtype == fused[0].dtype == torch.float32
+    assert torch.equal(fused[0], plain[0])  # the same bf16 matmul, the same fp32 logsumexp
+    for name, f, p in zip(("hidden", "weight"), fused[1][:2], plain[1][:2], strict=True):  # bias: summed in fp32 here
+        assert f.dtype == torch.float32, name
+        torch.testing.assert_close(f, p, rtol=1e-2, atol=1e-2 * float(p.abs().max()), msg=name)
     torch.testing.assert_close(sliced[0], plain[0], rtol=0, atol=1e-6)  # same bf16 logits, fp32 lse
     for name, s, p in zip(("hidden", "weight", "bias"), sliced[1], plain[1], strict=True):
         assert s.dtype == torch.float32, name
