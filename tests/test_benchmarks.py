@@ -76,3 +76,16 @@ def test_throughput_runs_every_layout_to_the_same_first_loss():
     firsts = [float(cols[-1]) for key, cols in rows.items() if key[0] == "train online"]
     assert max(firsts) - min(firsts) < 1e-4, firsts
     assert "stories260K (vocab 512)" in out.stdout
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("extra", [[], ["--no-online", "--layout", "shared"]])
+def test_head_backward_times_both_paths_to_identical_losses(extra):
+    """The A/B of the lm_head's backward: both variants run every repetition and give the same losses
+    (it exits 1 if they differ)."""
+    cmd = [sys.executable, str(BENCHMARKS / "head_backward.py"), "--model", str(STORIES), "--data", str(ULTRAFEEDBACK),
+           "--pairs", "8", "--batch", "4", "--threads", "1", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"autograd +[\d.]+, [\d.]+ s", out.stdout) and re.search(r"fused +[\d.]+, [\d.]+ s", out.stdout)
+    assert "losses of every step identical: True" in out.stdout
