@@ -84,9 +84,8 @@ def row_logsumexp(x: Tensor) -> Tensor:
     if x.dim() != 2:
         return torch.logsumexp(x, dim=-1)
     out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    step = _block_rows(x)
-    for start in range(0, x.shape[0], step):
-        torch.logsumexp(x[start:start + step], dim=-1, out=out[start:start + step])
+    for start, end in _slices(x.shape[0], _block_rows(x)):
+        torch.logsumexp(x[start:end], dim=-1, out=out[start:end])
     return out
 
 
@@ -265,9 +264,7 @@ class _ChunkedLogps(torch.autograd.Function):
 def _softmax_grad_(logits: Tensor, lse: Tensor, row_grad: Tensor) -> Tensor:
     """-row_grad[r] * softmax(logits)[r] = -row_grad[r] * exp(logits[r] - lse[r]), in place in `logits`
     (the logsumexp's backward), a block of rows at a time on CPU."""
-    step = _block_rows(logits)
-    for start in range(0, logits.shape[0], step):
-        end = start + step
+    for start, end in _slices(logits.shape[0], _block_rows(logits)):
         logits[start:end].sub_(lse[start:end, None]).exp_().mul_(-row_grad[start:end, None])
     return logits
 
