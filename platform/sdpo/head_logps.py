@@ -237,8 +237,7 @@ class _ChunkedLogps(torch.autograd.Function):
         dtype, k = ctx.dtype, hidden.shape[0]
         wide = lse.dtype
         grad = grad.to(wide)
-        # every target on a row pulls its softmax down by its own gradient: sum them per row
-        row_grad = torch.zeros(k, dtype=wide, device=grad.device).index_add_(0, rows, grad)
+        row_grad = _row_grad(grad, rows, k)
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if want_w else None
         grad_b = torch.zeros(bias.shape, dtype=wide, device=bias.device) if want_b else None
@@ -247,18 +246,36 @@ class _ChunkedLogps(torch.autograd.Function):
             b = None if bias is None else bias.to(dtype)
             for start, end in _slices(k, ctx.slice_rows):
                 h = hidden[start:end].to(dtype)
-                g = _softmax_grad_(_wide(F.linear(h, w, b)), lse[start:end], row_grad[start:end])
                 here = ((rows >= start) & (rows < end)).nonzero(as_tuple=True)[0]
-                g.index_put_((rows[here] - start, labels[here]), grad[here], accumulate=True)
-                if want_b:
-                    grad_b += g.sum(0)
-                g = g.to(dtype)
+                gh, gw, gb = _slice_grads(_wide(F.linear(h, w, b)), h, w, lse[start:end], row_grad[start:end],
+                                          (rows[here] - start, labels[here]), grad[here], dtype,
+                                          ctx.needs_input_grad[:3])
                 if want_h:
-                    grad_h[start:end] = (g @ w).to(hidden.dtype)
+                    grad_h[start:end] = gh.to(hidden.dtype)
                 if want_w:
-                    grad_w += (g.t() @ h).to(wide)
+                    grad_w += gw.to(wide)
+                if want_b:
+                    grad_b += gb
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def _row_grad(grad: Tensor, rows: Tensor, k: int) -> Tensor:
+    """Each row's summed upstream gradient [K]: every target on a row pulls its softmax down by its own."""
+    return torch.zeros(k, dtype=grad.dtype, device=grad.device).index_add_(0, rows, grad)
+
+
+def _slice_grads(logits: Tensor, h: Tensor, w: Tensor, lse: Tensor, row_grad: Tensor, targets: tuple[Tensor, Tensor],
+                 grad: Tensor, dtype: torch.dtype, wants: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """The gradients (hidden, weight, bias) from one slice of rows, its wide `logits` consumed in place:
+    onehot(label) - softmax per target, projected back through the matmul in `dtype` (autocast off).
+    `targets`: each target's (row within the slice, label); `grad`: their upstream gradients."""
+    want_h, want_w, want_b = wants
+    g = _softmax_grad_(logits, lse, row_grad)
+    g.index_put_(targets, grad, accumulate=True)
+    gb = g.sum(0) if want_b else None
+    g = g.to(dtype)
+    return (g @ w if want_h else None), (g.t() @ h if want_w else None), gb
 
 
 def _softmax_grad_(logits: Tensor, lse: Tensor, row_grad: Tensor) -> Tensor:
@@ -292,16 +309,13 @@ class _FusedLogps(torch.autograd.Function):
             raise RuntimeError("the lm_head's log-probs were differentiated twice (retain_graph): their backward "
                                "consumes the logits it kept; set training.max_logits_mb to a budget below these "
                                "logits' size to recompute them instead")
-        g, ctx.logits = ctx.logits, None
+        logits, ctx.logits = ctx.logits, None
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        wide, dtype = lse.dtype, ctx.dtype
-        grad = grad.to(wide)
-        row_grad = torch.zeros(hidden.shape[0], dtype=wide, device=grad.device).index_add_(0, rows, grad)
-        g = _softmax_grad_(g, lse, row_grad)
-        g.index_put_((rows, labels), grad, accumulate=True)
-        grad_b = g.sum(0).to(bias.dtype) if want_b else None
-        g = g.to(dtype)
+        dtype = ctx.dtype
+        grad = grad.to(lse.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            grad_h = (g @ weight.to(dtype)).to(hidden.dtype) if want_h else None
-            grad_w = (g.t() @ hidden.to(dtype)).to(weight.dtype) if want_w else None
-        return grad_h, grad_w, grad_b, None, None, None
+            gh, gw, gb = _slice_grads(logits, hidden.to(dtype), weight.to(dtype), lse,
+                                      _row_grad(grad, rows, hidden.shape[0]), (rows, labels), grad, dtype,
+                                      ctx.needs_input_grad[:3])
+        return (gh.to(hidden.dtype) if want_h else None, gw.to(weight.dtype) if want_w else None,
+                gb.to(bias.dtype) if want_b else None, None, None, None)
