@@ -73,7 +73,7 @@ from sdpo.logprobs import collate_pairs  # noqa: E402
 from sdpo.pair_layout import chunks, collate_shared  # noqa: E402
 from sdpo.prefix_cache import collate_prefix, computed_positions  # noqa: E402
 from sdpo.scoring import score_pairs  # noqa: E402
-from sdpo.training import LossSettings, autocast, build_optimizer, freeze, pair_losses  # noqa: E402
+from sdpo.training import LossSettings, autocast, build_optimizer, freeze, pair_losses, slow_bf16  # noqa: E402
 
 LOSS = LossSettings("sigmoid", 0.1, {})
 LR = 1e-5
@@ -277,6 +277,9 @@ def main(argv=None) -> None:
     trl_info = None
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    fix = "its bf16 rows measure that fallback; --precision fp32 leaves them out"
+    if "bf16" in precisions and (slow := slow_bf16(device, "--precision", fix)):
+        print(slow, flush=True)
     for precision in precisions:
         bf16 = precision == "bf16"
         peaks[precision] = matmul_peak(device, dtypes[precision])

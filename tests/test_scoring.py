@@ -178,3 +178,25 @@ def test_autocast_pass_in_the_training_layout_is_the_policy_itself_at_step_0(pai
 def test_unknown_layout_is_refused(pairs, models):
     with pytest.raises(ValueError, match="layout must be plain, shared or prefix"):
         score_pairs(models[1], *pairs, device=CPU, layout="packed")
+
+
+@pytest.mark.parametrize("native", [False, True, None])
+def test_bf16_on_a_cpu_without_bf16_kernels_is_warned_about(pairs, native, monkeypatch, capsys):
+    """Without bf16 matmul kernels (AVX2 and older, many ARM servers) a bf16 matmul runs one to two orders of
+    magnitude slower than fp32: training and the passes say so, naming the key and the fix; with the
+    kernels, on a GPU, or when torch cannot tell, nothing is said."""
+    import sdpo.training as training
+
+    monkeypatch.setattr(training, "cpu_bf16_kernels", lambda: native)
+    said = training.slow_bf16(CPU, "training.precision")
+    if native is False:
+        assert "training.precision: fp32" in said and torch.backends.cpu.get_cpu_capability() in said
+    else:
+        assert said is None
+    assert training.slow_bf16(torch.device("cuda"), "training.precision") is None
+    table = pa.table({k: pa.array(v[:2], pa.list_(pa.int32())) for k, v in zip(
+        ("prompt_ids", "chosen_ids", "rejected_ids"), pairs, strict=True)})
+    for precision in ("bf16", "autocast", "fp32"):
+        PairScorer(str(STORIES), precision=precision)(table)
+        err = capsys.readouterr().err
+        assert ("reference.precision: bf16 on a CPU" in err and "training.precision: fp32" in err) == (native is False and precision != "fp32"), (precision, err)

@@ -11,6 +11,7 @@ one pass serves both aggregations.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from sdpo.logprobs import collate_pairs, collate_sequences, row_groups, sequence_logps_sums
 from sdpo.pair_layout import chunks, collate_shared, shared_sequence_logps, supports_shared_prompt
 from sdpo.prefix_cache import collate_prefix, prefix_sequence_logps
+from sdpo.training import slow_bf16
 
 TOKENS = ("chosen_tokens", "rejected_tokens")
 
@@ -176,6 +178,9 @@ class PairScorer:
         self.model = load_model(model, dtype=dtype, device=self.device, revision=revision,
                                 trust_remote_code=trust_remote_code).eval()
         self.autocast = mode == "autocast"
+        fix = "set training.precision: fp32 (reference.precision: auto follows it)"
+        if mode != "fp32" and (slow := slow_bf16(self.device, "reference.precision", fix)):
+            print(slow, file=sys.stderr, flush=True)
         self.prefix, self.micro_batch, self.groups, self.layout = prefix, micro_batch, groups, layout
 
     def __call__(self, table: pa.Table) -> pa.Table:

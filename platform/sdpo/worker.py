@@ -59,6 +59,7 @@ from sdpo.training import (
     pair_losses,
     restore_rng,
     scale_gradients,
+    slow_bf16,
     train_state,
     use_bf16,
     weighted_sums,
@@ -192,6 +193,8 @@ def stage_loop(cfg: dict) -> None:
     torch.manual_seed(cfg["seed"] + rank)
     device = ray.train.torch.get_device()
     bf16 = use_bf16(cfg["precision"], device)
+    if bf16 and rank == 0 and (slow := slow_bf16(device, "training.precision")):
+        _progress(slow)
     loss = LossSettings(cfg["loss_type"], cfg["beta"], cfg["loss_options"])
 
     shard = ray.train.get_dataset_shard("train")
