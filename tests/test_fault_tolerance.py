@@ -202,7 +202,7 @@ def test_driver_killed_inside_a_stage_then_resumed(setup):
     the manifest holds stage 1 only and there is no summary; `--resume DIR` (the job comes from the
     run's own manifest) skips stage 1, continues stage 2 from step 3 or 6 (Ray Train's storage under the same
     run name) and ends identical to the uninterrupted run. Then the same directory with a changed job:
-    refused naming the change, and retrained from that stage with --force, keeping stage 1."""
+    refused naming the change, before any training (`--force` retraining: the next test)."""
     tmp, job, reference = setup
     out = tmp / "inside"
     _run_and_kill(["run", str(job), "--output", str(out)], ["[stage 2 uf] checkpoint at step 3 committed"])
@@ -221,23 +221,21 @@ def test_driver_killed_inside_a_stage_then_resumed(setup):
     summary = json.loads((out / "summary.json").read_text())
     assert [s["index"] for s in summary["stages"]] == [1, 2]
 
-    # A completed stage whose inputs the job changed: refused, naming the change, before training ...
+    # A completed stage whose settings the job changed: refused, naming the change, before training.
+    before = (out / "stages" / "2" / "model" / "model.safetensors").read_bytes()
     r = _run(["run", str(job), "--resume", str(out), "--set", "stages=[{}, {learning_rate: 0.002}]"])
     assert r.returncode == 2
     assert "stage 2 ('uf')" in r.stderr and "stage.learning_rate: 0.001 -> 0.002" in r.stderr
     assert "--force" in r.stderr
-    # ... and with --force retrained from that stage on; stage 1 is kept.
-    r = _run(["run", str(job), "--resume", str(out), "--force", "--set", "stages=[{}, {learning_rate: 0.002}]"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "stage 1/2: complete" in r.stdout and "--force: retraining" in r.stdout
-    assert _numbers(_steps(out, 1)) == _numbers(_steps(reference, 1))
-    assert [e["lr"] for e in _steps(out, 2)] != [e["lr"] for e in _steps(reference, 2)]
+    assert "training on" not in r.stdout
+    assert (out / "stages" / "2" / "model" / "model.safetensors").read_bytes() == before
 
 
 @pytest.mark.timeout(900)
 def test_changed_pairs_retrain_the_stage_afresh(setup, tmp_path):
     """A completed run whose stage-2 pairs then change (one row edited in place, same path and job):
-    `--resume --force` retrains stage 2 from stage 1's model on the new pairs (the edit is at the start
+    `--resume --force` retrains stage 2 from stage 1's model on the new pairs, keeping stage 1 (without
+    --force the resume is refused, as the previous test checks; the edit is at the start
     of a completion: max_length cuts its end), and does not restore the
     old stage-2 run's final checkpoint, which Ray Train keeps under `<output>/ray` (it would end the stage
     at once with the old weights). The old run's folder is removed; stage 1 is kept."""
@@ -253,9 +251,11 @@ def test_changed_pairs_retrain_the_stage_afresh(setup, tmp_path):
     first = json.loads(rows[0])
     data.write_text("\n".join([json.dumps(first | {"chosen": "Indeed. " + first["chosen"]}), *rows[1:]]) + "\n")
 
+    stage1 = _numbers(_steps(out, 1))
     r = _run(["run", str(job), "--resume", str(out), "--force", *use])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage 1/2: complete" in r.stdout and "its pairs changed" in r.stdout
+    assert "--force: retraining" in r.stdout and _numbers(_steps(out, 1)) == stage1
     assert "a run of the same stage with other inputs" in r.stdout
     steps = _steps(out, 2)
     assert [e["step"] for e in steps] == list(range(1, 9)) and sum(e["pairs"] for e in steps) == 60
