@@ -13,7 +13,10 @@ For one model and one set of real pairs it times, after a warm-up on the first b
                  first-batch losses, which must agree.
 
 Training rows, ours and TRL's, are timed on the same pairs: the first batch is the warm-up and batches
-2..⌊pairs/batch⌋ are timed (so --pairs is at least two batches; a last partial batch is not timed). The
+2..⌊pairs/batch⌋ are timed (so --pairs is at least two batches; a last partial batch is not timed).
+`--rounds N` times every training row N times, in turn (ours, TRL, ours, TRL, ...), and reports each row's
+median and each round's ratio (ours against the TRL round run next to it) with their median: on a shared or throttled machine the speed drifts by 10% and more
+between minutes, and one pass of ours followed by one of TRL's reads that drift as a ratio. The
 ratio for a `train precompute` row is for a fresh stage: its reference pass plus its training against TRL,
 whose reference runs inside its step (a cache hit, training alone, would not be like for like).
 
@@ -29,7 +32,7 @@ Columns: pairs/s; tokens/s = non-padding tokens of the two sequences of each pai
 count for every layout and for TRL; pad % = computed positions that are padding (`prefix` computes P+C+R-2
 real positions a pair: a completion's last token predicts nothing scored); MFU = model FLOPs /
 seconds / the matmul peak measured in this run for the same dtype (the best of square matmuls of
-several sizes, measured before and after the rows; model FLOPs: the work a pair needs
+several sizes, measured before and after the rows and between rounds; model FLOPs: the work a pair needs
 done once — the layers over P+C+R tokens with causal attention, the lm_head at the C+R completion
 positions, x3 for forward+backward, + one forward for an online reference — identical for every row,
 so MFU ratios are pairs/s ratios); peak MB = the peak resident memory sampled during the row (CPU) or
@@ -52,6 +55,7 @@ import argparse
 import copy
 import math
 import os
+import statistics
 import sys
 import threading
 import time
@@ -103,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "it projects every position)")
     p.add_argument("--no-reference-pass", action="store_true",
                    help="no reference-pass rows (with --online the pass is not run at all)")
+    p.add_argument("--rounds", type=_positive, default=1,
+                   help="time the training rows (ours and TRL's) this many times, in turn; report each row's "
+                        "median, every round's ratio and their median")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     p.add_argument("--threads", type=_positive, default=None)
     args = p.parse_args(argv)
@@ -299,27 +306,42 @@ def main(argv=None) -> None:
             if not args.no_reference_pass:
                 rows.append(dict(what=f"reference pass, {layout}", dtype=precision, precision=precision,
                                  seconds=seconds, pairs=n, tokens=sum(both), flops=sum(fwd), mb=mem.mb, pad=None))
-        for layout in args.layouts:
-            batches, positions = make_batches(pairs, None if args.online else scores[layout], layout, b, device)
-            policy = build_model(args, tok, torch.float32, device)
-            with PeakMemory(device) as mem:
-                seconds, first = time_training(policy, reference if args.online else None, batches, layout, bf16,
-                                               device)
-            rows.append(dict(what=f"train {'online' if args.online else 'precompute'}, {layout}", dtype=precision,
-                             precision=precision + (" autocast" if bf16 else ""), seconds=seconds, pairs=n - b,
-                             tokens=sum(both[b:]), flops=sum(fwd[b:]) * (4 if args.online else 3), mb=mem.mb,
-                             pad=100 * (1 - sum(real[layout][b:]) / sum(positions[1:])), first=first,
-                             layout=layout, online=args.online))
-            del policy, batches
-        if args.trl:
-            trl_info = run_trl(args, tok, pairs, reference, bf16, device, precision, fwd, rows) or trl_info
+        timed: dict[str, list[dict]] = {}  # a training row's rounds, in order
+        for rnd in range(args.rounds):
+            if rnd:  # one more look at the peak between rounds: the best reading is the least busy one
+                peaks[precision] = max(peaks[precision], matmul_peak(device, dtypes[precision]))
+            for layout in args.layouts:
+                batches, positions = make_batches(pairs, None if args.online else scores[layout], layout, b, device)
+                policy = build_model(args, tok, torch.float32, device)
+                with PeakMemory(device) as mem:
+                    seconds, first = time_training(policy, reference if args.online else None, batches, layout,
+                                                   bf16, device)
+                row = dict(what=f"train {'online' if args.online else 'precompute'}, {layout}", dtype=precision,
+                           precision=precision + (" autocast" if bf16 else ""), seconds=seconds, pairs=n - b,
+                           tokens=sum(both[b:]), flops=sum(fwd[b:]) * (4 if args.online else 3), mb=mem.mb,
+                           pad=100 * (1 - sum(real[layout][b:]) / sum(positions[1:])), first=first,
+                           layout=layout, online=args.online)
+                timed.setdefault(row["what"], []).append(row)
+                del policy, batches
+            if args.trl:
+                row, trl_info = run_trl(args, tok, pairs, reference, bf16, device, precision, fwd)
+                timed.setdefault(row["what"], []).append(row)
+        rows += [merge_rounds(rs) for rs in timed.values()]
     for precision in precisions:  # a second look: the peak is the best of both
         peaks[precision] = max(peaks[precision], matmul_peak(device, dtypes[precision]))
 
     print_report(args, device, n, skipped, n_params, n_vocab, pairs, rows, peaks, pass_seconds, trl_info)
 
 
-def run_trl(args, tok, pairs, reference, bf16, device, precision, fwd, rows) -> dict | None:
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One row from a row's rounds: their median seconds, the highest peak memory; `rounds` keeps every
+    round's seconds."""
+    return rounds[0] | {"seconds": statistics.median(r["seconds"] for r in rounds), "mb": max(r["mb"] for r in rounds),
+                        "rounds": [r["seconds"] for r in rounds]}
+
+
+def run_trl(args, tok, pairs, reference, bf16, device, precision, fwd) -> tuple[dict, dict]:
+    """TRL's training row and its run's details."""
     try:
         from trl_dpo import run_trl_dpo
     except ModuleNotFoundError as err:
@@ -339,11 +361,10 @@ def run_trl(args, tok, pairs, reference, bf16, device, precision, fwd, rows) -> 
                          f"{out['uses_given_reference']}")
     changed = [f"checkpointing {'on, its default' if args.trl_checkpointing else 'off as ours'}"]
     changed += ["compact head"] if args.trl_compact else []
-    rows.append(dict(what=f"TRL DPOTrainer ({', '.join(changed)})", dtype=precision,
-                     precision="bf16 autocast" if bf16 else "fp32", seconds=out["seconds"], pairs=out["pairs"],
-                     tokens=out["tokens"], flops=sum(fwd[b:]) * 4, mb=mem.mb, pad=None,
-                     first=out["first_batch_loss"]))
-    return out
+    return dict(what=f"TRL DPOTrainer ({', '.join(changed)})", dtype=precision,
+                precision="bf16 autocast" if bf16 else "fp32", seconds=out["seconds"], pairs=out["pairs"],
+                tokens=out["tokens"], flops=sum(fwd[b:]) * 4, mb=mem.mb, pad=None,
+                first=out["first_batch_loss"]), out
 
 
 def print_report(args, device, n, skipped, n_params, n_vocab, pairs, rows, peaks, pass_seconds, trl_info) -> None:
@@ -359,7 +380,8 @@ def print_report(args, device, n, skipped, n_params, n_vocab, pairs, rows, peaks
     print(f"device {device.type} ({name}), {torch.get_num_threads()} threads; model {what}, {n_params / 1e6:.2f}M params")
     print(f"data {args.data.name}: {n} pairs ({skipped} skipped); mean tokens prompt {mean(p):.0f}, chosen "
           f"{mean(c):.0f}, rejected {mean(r):.0f}; batch {args.batch} pairs, lr {LR}, beta {LOSS.beta}; "
-          f"training rows timed on pairs {args.batch + 1}-{n} after a warm-up on the first batch")
+          f"training rows timed on pairs {args.batch + 1}-{n} after a warm-up on the first batch"
+          + (f"; {args.rounds} rounds, ours and TRL's in turn: each row's median" if args.rounds > 1 else ""))
     head = (f"{'':<44} {'precision':<13} {'pairs/s':>8} {'tokens/s':>9} {'pad %':>6} {'MFU %':>6} "
             f"{'peak MB':>8} {'1st loss':>9}")
     print(head)
@@ -387,6 +409,11 @@ def print_report(args, device, n, skipped, n_params, n_vocab, pairs, rows, peaks
             ours_s = row["seconds"] / row["pairs"]
             if row["online"]:
                 ratio = f"{trl_s / ours_s:.2f}x TRL's pairs/s"
+                if len(row["rounds"]) > 1:  # round i of ours against round i of TRL's, run next to it
+                    each = [(t / trl["pairs"]) / (o / row["pairs"]) for o, t in zip(row["rounds"], trl["rounds"],
+                                                                                   strict=True)]
+                    ratio = (f"{statistics.median(each):.2f}x TRL's pairs/s (the rounds' median ratio; each "
+                             f"round {', '.join(f'{x:.2f}x' for x in each)})")
             else:  # a fresh stage: its reference pass, then its training
                 stage_s = ours_s + pass_seconds[precision, row["layout"]] / n
                 ratio = f"{trl_s / stage_s:.2f}x TRL's pairs/s as a fresh stage (its reference pass, then training)"
@@ -396,7 +423,8 @@ def print_report(args, device, n, skipped, n_params, n_vocab, pairs, rows, peaks
                 disagree.append(f"{precision} {row['what']}")
             print(f"{precision}: {row['what']} is {ratio}; first-batch loss {row['first']:.6f} vs TRL "
                   f"{trl['first']:.6f} (|diff| {diff:.2e}, tolerance {tol:.0e}: {'agree' if ok else 'DISAGREE'})")
-    print("matmul peak (FLOP/s, best of several sizes before and after the rows): "
+    print("matmul peak (FLOP/s, best of several sizes before and after the rows"
+          + (", and between rounds" if args.rounds > 1 else "") + "): "
           + ", ".join(f"{k} {v:.3g}" for k, v in peaks.items()))
     if disagree:
         raise SystemExit(f"first-batch loss check failed: {'; '.join(disagree)}")

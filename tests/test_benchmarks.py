@@ -60,7 +60,7 @@ def test_synthetic_shapes(reference_pass):
 def test_throughput_runs_every_layout_to_the_same_first_loss():
     cmd = [sys.executable, str(BENCHMARKS / "throughput.py"), "--model", str(STORIES), "--data", str(ULTRAFEEDBACK),
            "--pairs", "8", "--batch", "4", "--precision", "fp32", "--layouts", "plain,shared,prefix", "--online",
-           "--threads", "1"]
+           "--threads", "1", "--rounds", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {}
@@ -76,6 +76,7 @@ def test_throughput_runs_every_layout_to_the_same_first_loss():
     firsts = [float(cols[-1]) for key, cols in rows.items() if key[0] == "train online"]
     assert max(firsts) - min(firsts) < 1e-4, firsts
     assert "stories260K (vocab 512)" in out.stdout
+    assert "2 rounds, ours and TRL's in turn: each row's median" in out.stdout
 
 
 @pytest.mark.timeout(300)
@@ -89,3 +90,12 @@ def test_head_backward_times_both_paths_to_identical_losses(extra):
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"autograd +[\d.]+, [\d.]+ s", out.stdout) and re.search(r"fused +[\d.]+, [\d.]+ s", out.stdout)
     assert "losses of every step identical: True" in out.stdout
+
+
+def test_rounds_merge_to_their_median_and_keep_every_round(reference_pass):
+    import throughput  # benchmarks/ is on the path while the fixture is
+
+    rounds = [dict(what="train online, prefix", seconds=s, mb=m, first=1.5) for s, m in ((9.0, 10), (7.0, 30), (8.0, 20))]
+    row = throughput.merge_rounds(rounds)
+    assert (row["seconds"], row["mb"], row["rounds"], row["first"]) == (8.0, 30, [9.0, 7.0, 8.0], 1.5)
+    assert throughput.merge_rounds(rounds[:2])["seconds"] == 8.0  # an even count: the middle two's mean
