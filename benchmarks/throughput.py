@@ -14,9 +14,10 @@ For one model and one set of real pairs it times, after a warm-up on the first b
 
 Training rows, ours and TRL's, are timed on the same pairs: the first batch is the warm-up and batches
 2..⌊pairs/batch⌋ are timed (so --pairs is at least two batches; a last partial batch is not timed).
-`--rounds N` times every training row N times, in turn (ours, TRL, ours, TRL, ...), and reports each row's
-median and each round's ratio (ours against the TRL round run next to it) with their median: on a shared or throttled machine the speed drifts by 10% and more
-between minutes, and one pass of ours followed by one of TRL's reads that drift as a ratio. The
+`--rounds N` times every training row N times, in turn (ours, TRL, ours, TRL, ...), and reports each
+row's median and each round's ratio (ours against the TRL round run next to it) with their median: on a
+shared or throttled machine the speed drifts by 10% and more between minutes, and one pass of ours
+followed by one of TRL's reads that drift as a ratio. The
 ratio for a `train precompute` row is for a fresh stage: its reference pass plus its training against TRL,
 whose reference runs inside its step (a cache hit, training alone, would not be like for like).
 
@@ -336,8 +337,8 @@ def main(argv=None) -> None:
 def merge_rounds(rounds: list[dict]) -> dict:
     """One row from a row's rounds: their median seconds, the highest peak memory; `rounds` keeps every
     round's seconds."""
-    return rounds[0] | {"seconds": statistics.median(r["seconds"] for r in rounds), "mb": max(r["mb"] for r in rounds),
-                        "rounds": [r["seconds"] for r in rounds]}
+    seconds = [r["seconds"] for r in rounds]
+    return rounds[0] | {"seconds": statistics.median(seconds), "mb": max(r["mb"] for r in rounds), "rounds": seconds}
 
 
 def run_trl(args, tok, pairs, reference, bf16, device, precision, fwd) -> tuple[dict, dict]:
@@ -408,12 +409,12 @@ def print_report(args, device, n, skipped, n_params, n_vocab, pairs, rows, peaks
                 continue
             ours_s = row["seconds"] / row["pairs"]
             if row["online"]:
-                ratio = f"{trl_s / ours_s:.2f}x TRL's pairs/s"
-                if len(row["rounds"]) > 1:  # round i of ours against round i of TRL's, run next to it
-                    each = [(t / trl["pairs"]) / (o / row["pairs"]) for o, t in zip(row["rounds"], trl["rounds"],
-                                                                                   strict=True)]
-                    ratio = (f"{statistics.median(each):.2f}x TRL's pairs/s (the rounds' median ratio; each "
-                             f"round {', '.join(f'{x:.2f}x' for x in each)})")
+                # round i of ours against round i of TRL's, run next to it (one round: the rows' ratio)
+                each = [(t / trl["pairs"]) / (o / row["pairs"]) for o, t in zip(row["rounds"], trl["rounds"],
+                                                                               strict=True)]
+                ratio = f"{statistics.median(each):.2f}x TRL's pairs/s"
+                if len(each) > 1:
+                    ratio += f" (the rounds' median ratio; each round {', '.join(f'{x:.2f}x' for x in each)})"
             else:  # a fresh stage: its reference pass, then its training
                 stage_s = ours_s + pass_seconds[precision, row["layout"]] / n
                 ratio = f"{trl_s / stage_s:.2f}x TRL's pairs/s as a fresh stage (its reference pass, then training)"
